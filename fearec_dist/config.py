@@ -1,0 +1,338 @@
+"""Experiment configuration: one dataclass per concern, loaded from YAML plus `--set` overrides.
+
+Order of precedence (lowest first): dataclass defaults < YAML file < ``--set section.key=value``.
+Unknown keys and wrong types are errors that name the dotted key and the file they came from.
+
+This module imports neither torch nor Ray, so the CLI can validate a config before starting either.
+The ``model`` section is a name plus free keys here; the model registry
+(``fearec_dist.models.validate_model_section``) checks those keys against the model's own dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FORMATS = ("parquet", "csv", "atomic", "seqtxt", "prepared", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key (dotted path) and the source file."""
+
+
+@dataclass
+class StorageSection:
+    """Object-storage options, shared by data and run outputs. Credentials come from the standard
+    AWS env vars (or the instance role); they are never part of the config."""
+
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO/moto; None = AWS
+    region: str | None = None
+    anonymous: bool = False
+
+
+@dataclass
+class DataSection:
+    path: str = ""  # prepared dataset URI, or raw input when `format` is not "prepared"
+    format: str = "prepared"  # prepared | parquet | csv | atomic | seqtxt | synthetic
+    prepared_path: str = ""  # where `train` writes `prepare`'s output for raw input ("" = beside run)
+    attributes: str | None = None  # item attributes (RecBole .item or item2attributes.json)
+    columns: dict[str, str] = field(default_factory=dict)  # user/item/time/rating -> source column
+    min_user_inter: int = 0  # k-core style filters; 0 = off (RecBole 1.2.1 default)
+    min_item_inter: int = 0
+    rating_threshold: float | None = None
+    max_seq_len: int = 50  # L: histories keep the most recent L items
+    n_buckets: int = 64  # target-keyed example buckets (same-target partners are drawn inside one)
+    synthetic_users: int = 2000  # only for format=synthetic
+    synthetic_items: int = 500
+    seed: int = 0
+    storage: StorageSection = field(default_factory=StorageSection)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format: {self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.max_seq_len < 1:
+            raise ConfigError(f"data.max_seq_len: must be >= 1, got {self.max_seq_len}")
+        if self.n_buckets < 1:
+            raise ConfigError(f"data.n_buckets: must be >= 1, got {self.n_buckets}")
+
+
+@dataclass
+class ModelSection:
+    """`name` picks the model (or a preset); every other key is the model's own, checked by the
+    model registry against its dataclass (e.g. FEARecConfig)."""
+
+    name: str = "fearec_official"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 20
+    batch_size: int = 256  # per worker; the global batch is batch_size * workers
+    eval_batch_size: int = 512  # per worker
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    eval_every: int = 1
+    patience: int = 40  # evaluations without improvement before stopping (spec: stopping_step)
+    valid_metric: str = "hr@10"
+    topk: list[int] = field(default_factory=lambda: [5, 10, 20])
+    seed: int = 2026
+    gather_negatives: bool = True  # contrastive candidates from all workers (with gradient)
+    shuffle_window: int = 4  # buckets mixed per shuffle window
+    torch_threads: int = 0  # 0 = cpus_per_worker rounded up
+    amp: str = "auto"  # auto | off | bf16 | fp16 (auto = bf16 on CUDA when supported)
+    max_steps_per_epoch: int = 0  # 0 = whole epoch; a cap for smoke tests and benchmarks
+    stage: str = "train"  # S3Rec: pretrain | finetune; others: train
+    pretrained: str | None = None  # checkpoint URI to start from (S3Rec finetune)
+    allow_scratch: bool = False  # finetune without a pretrained checkpoint only if asked
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if self.patience < 0:
+            raise ConfigError(f"train.patience: must be >= 0, got {self.patience}")
+        if self.amp not in ("auto", "off", "bf16", "fp16"):
+            raise ConfigError(f"train.amp: {self.amp!r} is not one of auto, off, bf16, fp16")
+        if self.stage not in ("train", "pretrain", "finetune"):
+            raise ConfigError(f"train.stage: {self.stage!r} is not one of train, pretrain, finetune")
+        base = self.valid_metric.removeprefix("masked_")
+        name, _, k = base.partition("@")
+        if name not in ("hr", "ndcg", "mrr") or not k.isdigit():
+            raise ConfigError(
+                f"train.valid_metric: {self.valid_metric!r} is not of the form "
+                "hr@K / ndcg@K / mrr@K (optionally masked_)"
+            )
+        if int(k) not in self.topk:
+            self.topk = sorted({*self.topk, int(k)})
+
+
+@dataclass
+class RunSection:
+    name: str = ""  # "" = <model>-<timestamp>
+    storage_path: str = "./runs"
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    checkpoints_to_keep: int = 2
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"run.workers: must be >= 0, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"run.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass
+class TuneSection:
+    name: str = ""  # sweep name ("" = <model>-sweep-<timestamp>)
+    storage_path: str = "./sweeps"
+    num_samples: int = 8
+    metric: str = "valid/ndcg@10"
+    mode: str = "max"
+    max_t: int = 10  # epochs
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_concurrent_trials: int = 0  # 0 = derive from the cluster's CPUs/GPUs
+    driver_cpus: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("max", "min"):
+            raise ConfigError(f"tune.mode: {self.mode!r} is not max or min")
+        if self.grace_period < 1 or self.max_t < self.grace_period:
+            raise ConfigError("tune.grace_period: must be >= 1 and <= tune.max_t")
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    run: RunSection = field(default_factory=RunSection)
+    tune: TuneSection = field(default_factory=TuneSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict; the model section is flattened to ``{"name": ..., **params}``."""
+        out = asdict(self)
+        model = out.pop("model")
+        out["model"] = {"name": model["name"], **model["params"]}
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+        return _build(cls, raw or {}, "", source)
+
+
+# --------------------------------------------------------------------------------------------------
+# dataclass building with type checks
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Returns (ok, coerced value) for a value against an annotation."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            return type(None) in args, None
+        for arg in args:
+            if arg is type(None):
+                continue
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (inner,) = typing.get_args(tp) or (Any,)
+        out = []
+        for v in value:
+            ok, c = _type_ok(v, inner)
+            if not ok:
+                return False, value
+            out.append(c)
+        return True, out
+    if origin is dict:
+        return isinstance(value, dict), value
+    return isinstance(value, tp), value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    if cls is ModelSection:
+        raw = dict(raw)
+        kwargs: dict[str, Any] = {}
+        if "name" in raw:
+            name = raw.pop("name")
+            if not isinstance(name, str):
+                raise ConfigError(f"{source}: {prefix}name must be a string")
+            kwargs["name"] = name
+        params = dict(raw.pop("params", {}) or {})
+        params.update(raw)
+        kwargs["params"] = params
+        return cls(**kwargs)
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {prefix}{unknown[0]}"
+            + (f" (and {', '.join(prefix + u for u in unknown[1:])})" if unknown[1:] else "")
+            + f"; valid keys of {prefix.rstrip('.') or 'the config'}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for key, value in raw.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.", source)
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(
+                f"{source}: {prefix}{key} = {value!r} has type {type(value).__name__}, "
+                f"expected {_type_name(tp)}"
+            )
+        kwargs[key] = coerced
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-4"`` -> (["train", "lr"], 0.0001); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, _, text = item.partition("=")
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"--set {item!r}: key must be dotted, e.g. train.lr=1e-4")
+    return path, yaml.safe_load(text) if text.strip() else ""
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Returns a copy of ``base`` with ``update`` merged in, nested dicts merged key by key."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    return raw
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    extra: dict[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Loads defaults < YAML file < ``extra`` dict < ``--set`` overrides, checking every key."""
+    raw: dict[str, Any] = read_yaml(path) if path else {}
+    source = str(path) if path else "<defaults>"
+    cfg = ExperimentConfig.from_dict(raw, source)  # file errors name the file
+    merged = cfg.to_dict()
+    if extra:
+        merged = deep_merge(merged, extra)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = merged
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}  # an unknown section is then rejected by from_dict, by name
+            node = node[k]
+        node[keys[-1]] = value
+    return ExperimentConfig.from_dict(merged, f"{source} + --set" if overrides else source)
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
