@@ -40,7 +40,7 @@ class StorageSection:
 class DataSection:
     path: str = ""  # prepared dataset URI, or raw input when `format` is not "prepared"
     format: str = "prepared"  # prepared | parquet | csv | atomic | seqtxt | synthetic
-    prepared_path: str = ""  # where `train` writes `prepare`'s output for raw input ("" = beside run)
+    prepared_path: str = ""  # where `train` puts prepared raw input ("" = a cache under storage)
     attributes: str | None = None  # item attributes (RecBole .item or item2attributes.json)
     columns: dict[str, str] = field(default_factory=dict)  # user/item/time/rating -> source column
     min_user_inter: int = 0  # k-core style filters; 0 = off (RecBole 1.2.1 default)
@@ -103,7 +103,7 @@ class TrainSection:
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ConfigError(f"train.amp: {self.amp!r} is not one of auto, off, bf16, fp16")
         if self.stage not in ("train", "pretrain", "finetune"):
-            raise ConfigError(f"train.stage: {self.stage!r} is not one of train, pretrain, finetune")
+            raise ConfigError(f"train.stage: {self.stage!r} is not train, pretrain or finetune")
         base = self.valid_metric.removeprefix("masked_")
         name, _, k = base.partition("@")
         if name not in ("hr", "ndcg", "mrr") or not k.isdigit():
