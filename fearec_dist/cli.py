@@ -1,0 +1,212 @@
+"""Command line: argparse -> config -> one call into data/, train/ or tune. Nothing else.
+
+    fearec-dist prepare --input URI --format {parquet,csv,atomic,seqtxt,synthetic} --output URI
+    fearec-dist train --config F [--set section.key=value ...] [--local | --debug] [--workers N]
+    fearec-dist tune --config F --space F [--local]
+    fearec-dist evaluate --checkpoint URI
+    fearec-dist demo
+    python -m fearec_dist ...   (the same CLI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from fearec_dist.config import ConfigError, ExperimentConfig, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo.yaml"
+
+EPILOG = """\
+examples:
+  fearec-dist demo
+  fearec-dist prepare --input ../shared/data/beauty/Beauty.txt --format seqtxt \
+      --output prepared/beauty
+  fearec-dist train --config jobs/configs/beauty.yaml --local --workers 2 --set train.lr=5e-4
+  fearec-dist tune --config jobs/configs/beauty.yaml --space jobs/spaces/fearec.yaml --local
+  fearec-dist evaluate --checkpoint runs/<name>/checkpoint_000004
+
+Config precedence: defaults < YAML file < --set overrides. An unknown key is an error naming it.
+S3 credentials come from the standard AWS environment variables or the instance role only.
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="experiment YAML (see README: config)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key, e.g. --set train.lr=1e-4 (repeatable; value parsed as YAML)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fearec-dist",
+        description="Distributed training of FEARec and other sequential recommenders on Ray.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "prepare",
+        help="validate raw logs and write a prepared dataset (Ray Data job)",
+        description="Read interaction logs (local path, file://, s3://, any fsspec URI; a file, "
+        "directory or glob), validate, filter, build the id vocabulary and time-ordered per-user "
+        "sequences, and write them with meta.json to --output. Output is written only on success.",
+    )
+    p.add_argument("--input", default="", help="raw log URI (ignored for --format synthetic)")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["parquet", "csv", "atomic", "seqtxt", "synthetic"],
+        help="parquet/csv: columns user_id,item_id,timestamp[,rating]; atomic: RecBole .inter; "
+        "seqtxt: 'user item item ...' per line, time-ordered; synthetic: generated demo logs",
+    )
+    p.add_argument("--output", required=True, help="output URI for the prepared dataset")
+    p.add_argument("--attributes", help="item attributes: RecBole .item or item2attributes.json")
+    p.add_argument("--columns", help="parquet/csv column mapping, e.g. user=uid,item=iid,time=ts")
+    _add_config_args(p, required=False)
+
+    p = sub.add_parser(
+        "train",
+        help="train a model (local debug, local Ray, or the running cluster)",
+        description="Train the configured model. Without --local/--debug it joins the running Ray "
+        "cluster (RAY_ADDRESS, as inside `ray job submit`).",
+    )
+    _add_config_args(p)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--local", action="store_true", help="start a Ray instance on this machine")
+    mode.add_argument(
+        "--debug",
+        action="store_true",
+        help="run the train function in this process (Ray Train local mode; debuggers stop in it)",
+    )
+    p.add_argument("--workers", type=int, help="number of training workers (run.workers)")
+    p.add_argument("--data", help="dataset URI (data.path)")
+    p.add_argument("--name", help="run name (run.name); the same name resumes a run")
+
+    p = sub.add_parser("tune", help="hyper-parameter sweep with Ray Tune + ASHA")
+    _add_config_args(p)
+    p.add_argument("--space", required=True, help="search space YAML (dotted keys)")
+    p.add_argument("--local", action="store_true", help="start a Ray instance on this machine")
+
+    p = sub.add_parser("evaluate", help="re-score a saved checkpoint on valid and test")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (path or URI)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    p = sub.add_parser("demo", help="prepare synthetic data and train FEARec locally (make demo)")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="defaults to jobs/configs/demo.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
+    return parser
+
+
+def _train_config(args: argparse.Namespace) -> ExperimentConfig:
+    extra: dict[str, Any] = {}
+    if getattr(args, "workers", None) is not None:
+        extra.setdefault("run", {})["workers"] = args.workers
+    if getattr(args, "data", None):
+        extra.setdefault("data", {})["path"] = args.data
+    if getattr(args, "name", None):
+        extra.setdefault("run", {})["name"] = args.name
+    cfg = load_config(args.config, args.overrides, extra=extra)
+    from fearec_dist.models import validate_model_section
+
+    validate_model_section(cfg.model.name, cfg.model.params, cfg.data.max_seq_len)
+    return cfg
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from fearec_dist.data.prepare import format_summary, parse_columns, prepare_dataset
+
+    cfg = load_config(args.config or None, args.overrides)
+    data = cfg.data
+    if args.columns:
+        data.columns = parse_columns(args.columns)
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", include_dashboard=False)
+    try:
+        meta = prepare_dataset(
+            args.input, args.format, args.output, data=data, attributes_uri=args.attributes
+        )
+    finally:
+        if started:
+            ray.shutdown()
+    print(format_summary(meta))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fearec_dist.train.trainer import run_training
+
+    cfg = _train_config(args)
+    mode = "debug" if args.debug else "local" if args.local else "cluster"
+    results = run_training(cfg, mode)
+    _print_results(results)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.debug, args.local, args.workers, args.data, args.name = False, True, None, None, None
+    return cmd_train(args)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from fearec_dist.tune import run_sweep
+
+    cfg = _train_config(args)
+    run_sweep(cfg, args.space, mode="local" if args.local else "cluster")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fearec_dist.train.evaluate import evaluate_checkpoint
+
+    results = evaluate_checkpoint(args.checkpoint)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        _print_results(results)
+    return 0
+
+
+def _print_results(results: dict[str, Any]) -> None:
+    keys = ("hr@10", "ndcg@10", "mrr@10", "masked_hr@10", "masked_ndcg@10")
+    print(f"{'split':<6}" + "".join(f"{k:>16}" for k in keys))
+    for split in ("valid", "test"):
+        row = results.get(split) or {}
+        print(f"{split:<6}" + "".join(f"{row.get(k, float('nan')):>16.4f}" for k in keys))
+    if "best_epoch" in results:
+        print(f"best epoch {results['best_epoch']} of {results.get('epochs_run')} run")
+
+
+COMMANDS = {
+    "prepare": cmd_prepare,
+    "train": cmd_train,
+    "tune": cmd_tune,
+    "evaluate": cmd_evaluate,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"fearec-dist: config error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fearec-dist: error: {err}", file=sys.stderr)
+        return 1
