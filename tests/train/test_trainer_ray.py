@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -60,7 +61,8 @@ def test_two_worker_run(ray_session, synth_cfg):
     cfg = load_config(None, [*synth_cfg, "run.name=two-workers"])
     results = run_training(cfg, mode="local")
     run_dir = f"{cfg.run.storage_path}/two-workers"
-    saved = json.loads(open(f"{run_dir}/results.json").read())
+    with open(f"{run_dir}/results.json") as f:
+        saved = json.load(f)
     assert saved["epochs_run"] == 3 and saved["best_epoch"] >= 1
     assert saved == json.loads(json.dumps(results))
     with open(f"{run_dir}/metrics.csv") as f:
@@ -74,7 +76,7 @@ def test_two_worker_run(ray_session, synth_cfg):
     assert results["test"]["hr@10"] > _popularity_hr10(info) + 0.05
 
     # the same best weights re-scored in one process: every user once, identical metrics
-    ckpts = sorted(p for p in __import__("os").listdir(run_dir) if p.startswith("checkpoint_"))
+    ckpts = sorted(p for p in os.listdir(run_dir) if p.startswith("checkpoint_"))
     again = evaluate_checkpoint(f"{run_dir}/{ckpts[-1]}")
     assert again["n_valid"] == info["n_valid"] and again["n_test"] == info["n_test"]
     for split in ("valid", "test"):
