@@ -1,0 +1,279 @@
+"""Hyper-parameter sweeps: Ray Tune over the distributed trainer, ASHA on per-epoch reports.
+
+    fearec-dist tune --config jobs/configs/demo.yaml --space jobs/spaces/fearec.yaml --local
+
+Each trial runs ``train_driver_fn``: a whole ``TorchTrainer`` run (its own workers, from the
+config) with ``TuneReportCallback``, so every epoch's report reaches ASHA, which may stop the trial
+after any epoch. Trials read the prepared data from its URI; nothing large travels through the
+driver. Ray Train V2's way (``Tuner(trainer)`` is deprecated since Ray 2.43).
+
+Space file: dotted config keys mapped to one sampler each::
+
+    train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+    model.hidden_dropout: {choice: [0.2, 0.5]}
+    model.n_layers: {grid: [1, 2]}
+    model.global_ratio: {uniform: [0.6, 1.0]}
+
+Outputs in ``<tune.storage_path>/<tune.name>/``: ``trials.csv``, ``trials.md``,
+``best_config.yaml`` (a ready-to-use train config) and ``curves.png`` (valid NDCG@10 per epoch of
+every trial, so early stopping is visible). Running again with the same name resumes the sweep.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fearec_dist.config import ConfigError, ExperimentConfig, deep_merge
+
+SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+def read_space(path: str | Path) -> dict[str, dict[str, list[Any]]]:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"search space file {p} does not exist")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{p}: expected a mapping of dotted config keys to samplers")
+    return raw
+
+
+def validate_space(space: dict[str, Any], cfg: ExperimentConfig, source: str) -> None:
+    """Checks every key and range before any trial starts; errors name the key."""
+    from fearec_dist.models import validate_model_section
+
+    for key, spec in space.items():
+        where = f"{source}: {key}"
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
+            raise ConfigError(f"{where}: expected one of {{{', '.join(SAMPLERS)}: [...]}}")
+        kind, args = next(iter(spec.items()))
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}: {kind} needs a non-empty list")
+        if kind in ("uniform", "loguniform", "randint"):
+            if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args):
+                raise ConfigError(f"{where}: {kind} needs [low, high] numbers")
+            low, high = (float(a) for a in args)
+            if not low < high:
+                raise ConfigError(f"{where}: {kind} needs low < high, got {args}")
+            if kind == "loguniform" and low <= 0:
+                raise ConfigError(f"{where}: loguniform needs low > 0, got {low}")
+            values = [args[0], args[1]] if kind != "randint" else [int(low), int(high) - 1]
+        else:
+            values = args
+        for value in values:  # every value must make a valid config
+            trial = _apply(cfg.to_dict(), {key: value})
+            try:
+                tcfg = ExperimentConfig.from_dict(trial, where)
+                validate_model_section(tcfg.model.name, tcfg.model.params, tcfg.data.max_seq_len)
+            except ConfigError as err:
+                raise ConfigError(f"{where} = {value!r}: {err}") from None
+
+
+def _apply(base: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def to_param_space(space: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys -> Tune samplers, nested like the experiment dict."""
+    from ray import tune
+
+    make = {
+        "choice": lambda a: tune.choice(a),
+        "grid": lambda a: tune.grid_search(a),
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(*a),
+    }
+    flat = {k: make[next(iter(v))](next(iter(v.values()))) for k, v in space.items()}
+    return _apply({}, flat)
+
+
+def train_driver_fn(config: dict[str, Any]) -> None:
+    """One trial: a full trainer run whose per-epoch reports reach Tune (and ASHA)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from fearec_dist.train.trainer import build_datasets, build_trainer
+
+    cfg = ExperimentConfig.from_dict(deep_merge(config["base"], config["params"]), "trial config")
+    info = config["examples"]
+    # No timestamp in the name: restoring the sweep must find the same run directory.
+    name = f"{config['sweep_name']}-{tune.get_context().get_trial_id()}"
+    trainer = build_trainer(
+        cfg,
+        build_datasets(info, cfg.data.storage),
+        info,
+        mode="cluster",
+        name=name,
+        callbacks=(TuneReportCallback(),),
+    )
+    trainer.fit()  # code after this does not run when ASHA stops the trial
+
+
+def max_concurrent(cfg: ExperimentConfig) -> int:
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    res = ray.cluster_resources()
+    workers = max(cfg.run.workers, 1)
+    if cfg.run.use_gpu:
+        return max(1, int(res.get("GPU", 0) // workers))
+    # each trial's workers plus ~half a CPU for its Ray Data read tasks
+    per_trial = workers * cfg.run.cpus_per_worker + 0.5
+    return max(1, int(res.get("CPU", 1) // per_trial))
+
+
+def run_sweep(cfg: ExperimentConfig, space_path: str | Path, mode: str = "local") -> dict[str, Any]:
+    """Runs (or resumes) the sweep; returns the best trial's summary."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from fearec_dist.train.trainer import init_ray, prepare_run, storage_root
+
+    space = read_space(space_path)
+    cfg.train.eval_every = 1  # every report carries the metric ASHA reads
+    validate_space(space, cfg, str(space_path))
+    started = init_ray(mode, cfg)
+    try:
+        name = cfg.tune.name or f"{cfg.model.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+        root = storage_root(cfg.tune.storage_path)
+        cfg.run.storage_path = f"{root}/{name}/runs"
+        cfg.train.epochs = cfg.tune.max_t
+        _, info = prepare_run(cfg)
+        trainable = tune.with_resources(train_driver_fn, {"CPU": cfg.tune.driver_cpus})
+        concurrent = max_concurrent(cfg)
+        path = f"{root}/{name}"
+        if tune.Tuner.can_restore(path):
+            print(f"[fearec-dist] resuming sweep {path}")
+            tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+        else:
+            print(
+                f"[fearec-dist] sweep {name}: {cfg.tune.num_samples} samples, "
+                f"{concurrent} concurrent trials -> {path}"
+            )
+            tuner = tune.Tuner(
+                trainable,
+                param_space={
+                    "base": cfg.to_dict(),
+                    "params": to_param_space(space),
+                    "examples": info,
+                    "sweep_name": name,
+                },
+                tune_config=tune.TuneConfig(
+                    scheduler=ASHAScheduler(
+                        metric=cfg.tune.metric,
+                        mode=cfg.tune.mode,
+                        max_t=cfg.tune.max_t,
+                        grace_period=cfg.tune.grace_period,
+                        reduction_factor=cfg.tune.reduction_factor,
+                    ),
+                    num_samples=cfg.tune.num_samples,
+                    max_concurrent_trials=concurrent,
+                ),
+                run_config=tune.RunConfig(name=name, storage_path=root),
+            )
+        grid = tuner.fit()
+        return write_sweep_outputs(grid, cfg, path)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def write_sweep_outputs(grid: Any, cfg: ExperimentConfig, path: str) -> dict[str, Any]:
+    """trials.csv, trials.md, best_config.yaml and curves.png from the Tune result grid."""
+    metric, sign = cfg.tune.metric, (1 if cfg.tune.mode == "max" else -1)
+    rows, curves = [], {}
+    for result in grid:
+        df = result.metrics_dataframe
+        trial_id = (result.metrics or {}).get("trial_id", Path(result.path).name)
+        series = df[metric].dropna().tolist() if df is not None and metric in df else []
+        params = _flatten(result.config.get("params", {}))
+        best = max(series, key=lambda v: sign * v) if series else math.nan
+        epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
+        status = "error" if result.error else ("stopped" if epochs < cfg.tune.max_t else "done")
+        rows.append(
+            {
+                "trial": trial_id,
+                **params,
+                "best": best,
+                "last": series[-1] if series else math.nan,
+                "epochs": epochs,
+                "status": status,
+            }
+        )
+        curves[trial_id] = (df["epoch"].tolist(), df[metric].tolist()) if series else ([], [])
+    rows.sort(key=lambda r: -sign * r["best"] if not math.isnan(r["best"]) else math.inf)
+    out_dir = Path(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    (out_dir / "trials.csv").write_text(buf.getvalue())
+    md = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    md += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    (out_dir / "trials.md").write_text(f"metric: {metric} ({cfg.tune.mode})\n\n" + "\n".join(md))
+    best = rows[0] if rows else None
+    if best is not None:
+        best_params = {
+            k: v for k, v in best.items() if k not in ("trial", "best", "last", "epochs", "status")
+        }
+        best_cfg = ExperimentConfig.from_dict(_apply(cfg.to_dict(), best_params))
+        best_cfg.run.storage_path, best_cfg.run.name = "./runs", ""
+        (out_dir / "best_config.yaml").write_text(
+            yaml.safe_dump(best_cfg.to_dict(), sort_keys=False)
+        )
+    _plot(curves, metric, out_dir / "curves.png")
+    print(f"[fearec-dist] sweep results in {out_dir}: trials.csv, trials.md, best_config.yaml")
+    return {"best": best, "n_trials": len(rows), "path": str(out_dir)}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _plot(curves: dict[str, tuple[list, list]], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for trial, (x, y) in curves.items():
+        if x:
+            ax.plot(x, y, marker="o", label=trial)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title("ASHA sweep: every trial, stopped ones end early")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
