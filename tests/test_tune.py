@@ -1,0 +1,88 @@
+"""A real ASHA sweep on tiny synthetic data, and the space validation that runs before it."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import yaml
+
+from fearec_dist.config import ConfigError, load_config
+
+TINY = [
+    "data.format=synthetic",
+    "data.synthetic_users=200",
+    "data.synthetic_items=40",
+    "data.max_seq_len=16",
+    "data.n_buckets=4",
+    "model.name=sasrec",
+    "model.hidden_size=16",
+    "model.inner_size=32",
+    "train.batch_size=64",
+    "run.workers=1",
+    "run.cpus_per_worker=0.5",
+    "tune.num_samples=6",
+    "tune.max_t=4",
+    "tune.grace_period=1",
+    "tune.reduction_factor=2",
+    "tune.max_concurrent_trials=2",
+    "tune.name=tiny",
+]
+
+
+def _space(tmp_path, space: dict) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"train.lrr": {"choice": [0.1]}}, r"train\.lrr"),
+        ({"train.lr": {"loguniform": [0, 1]}}, r"train\.lr.*low > 0"),
+        ({"train.lr": {"uniform": [0.1, 0.01]}}, r"train\.lr.*low < high"),
+        ({"model.hidden_dropout": {"normal": [0, 1]}}, r"model\.hidden_dropout"),
+        ({"model.not_a_key": {"choice": [1]}}, r"model\.not_a_key"),
+    ],
+)
+def test_bad_space_fails_before_any_trial(tmp_path, space, message):
+    from fearec_dist.tune import read_space, validate_space
+
+    cfg = load_config(None, TINY)
+    with pytest.raises(ConfigError, match=message):
+        validate_space(read_space(_space(tmp_path, space)), cfg, "space.yaml")
+
+
+def test_shipped_fearec_space_is_valid():
+    from fearec_dist.tune import read_space, validate_space
+
+    cfg = load_config(None, ["model.name=fearec_official"])
+    validate_space(read_space("jobs/spaces/fearec.yaml"), cfg, "jobs/spaces/fearec.yaml")
+
+
+@pytest.mark.slow
+def test_asha_sweep_stops_weak_trials_and_best_config_trains(ray_session, tmp_path):
+    from fearec_dist.train.trainer import run_training
+    from fearec_dist.tune import run_sweep
+
+    space = _space(
+        tmp_path,
+        {"train.lr": {"loguniform": [1e-4, 3e-2]}, "model.hidden_dropout": {"choice": [0.1, 0.5]}},
+    )
+    cfg = load_config(None, [*TINY, f"tune.storage_path={tmp_path}/sweeps"])
+    summary = run_sweep(cfg, space, mode="local")
+    assert summary["n_trials"] == 6
+    out = tmp_path / "sweeps" / "tiny"
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    epochs = [int(r["epochs"]) for r in rows]
+    assert max(epochs) == 4 and min(epochs) < 4  # ASHA stopped some trials early
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "trials.md").read_text().count("\n") >= 7
+
+    best = load_config(out / "best_config.yaml", ["train.epochs=1", f"run.storage_path={tmp_path}"])
+    assert best.train.lr == pytest.approx(float(rows[0]["train.lr"]))
+    results = run_training(best, mode="local")
+    assert results["epochs_run"] == 1
