@@ -1,0 +1,88 @@
+"""Leave-one-out examples from time-ordered user sequences (spec/evaluation.md §1, steps 3-4).
+
+Pure numpy, vectorised over all users at once (no Python loop per user). Input is a CSR of
+sequences: user ``users[u]``'s items are ``items[offsets[u]:offsets[u + 1]]``, oldest first.
+
+For a user with items i_1..i_n there are n - 1 samples: sample t (t = 2..n) has target i_t and
+history the last min(t - 1, L) items before it, left-aligned and right-padded with 0. The last
+sample goes to test, the one before to validation, the rest to training; with only 2 samples,
+1 train + 1 test; with 1 sample, train only; a user with a single item yields nothing.
+valid/test rows also carry ``seen``: the user's *whole* history before the target (not only the
+last L), used by the history-masked protocol.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+Split = dict[str, np.ndarray]
+
+
+def _gather_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + c)`` for each (s, c), vectorised."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    row_start = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(starts, counts) + (np.arange(total) - row_start)
+
+
+def build_loo_examples(
+    offsets: np.ndarray, items: np.ndarray, users: np.ndarray, max_seq_len: int
+) -> dict[str, Split]:
+    """Builds train/valid/test examples.
+
+    Args:
+        offsets: (U + 1,) CSR offsets into ``items``.
+        items: (I,) item ids, each user's run time-ordered.
+        users: (U,) user ids.
+        max_seq_len: L.
+
+    Returns:
+        ``{"train"|"valid"|"test": {"history" (N, L) int32, "length" (N,) int32,
+        "target" (N,) int32, "user" (N,) int32}}``; valid/test also ``seen_offsets`` (N + 1,)
+        and ``seen_items`` (S,) (CSR of the whole history before the target).
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    items = np.asarray(items)
+    lens = np.diff(offsets)
+    n_samples = np.maximum(lens - 1, 0)
+    # one sample per target position j = 1..n-1 (0-based inside the user)
+    user_idx = np.repeat(np.arange(len(lens)), n_samples)
+    j = _gather_ranges(np.ones(len(lens), dtype=np.int64), n_samples)
+    s = n_samples[user_idx]
+    split = np.zeros(len(j), dtype=np.int8)  # 0 train, 1 valid, 2 test
+    split[(s >= 2) & (j == s)] = 2
+    split[(s >= 3) & (j == s - 1)] = 1
+    base = offsets[:-1][user_idx]
+    target = items[base + j]
+    hist_len = np.minimum(j, max_seq_len)
+    hist_start = base + j - hist_len
+    cols = np.arange(max_seq_len)
+    valid_col = cols[None, :] < hist_len[:, None]
+    idx = np.where(valid_col, hist_start[:, None] + cols[None, :], 0)
+    history = np.where(valid_col, items[idx] if len(items) else 0, 0).astype(np.int32)
+
+    out: dict[str, Split] = {}
+    for name, code in (("train", 0), ("valid", 1), ("test", 2)):
+        m = split == code
+        part: Split = {
+            "history": history[m],
+            "length": hist_len[m].astype(np.int32),
+            "target": target[m].astype(np.int32),
+            "user": np.asarray(users)[user_idx[m]].astype(np.int32),
+        }
+        if code:
+            counts = j[m]
+            part["seen_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            part["seen_items"] = items[_gather_ranges(base[m], counts)].astype(np.int32)
+        out[name] = part
+    return out
+
+
+def sequences_to_csr(item_lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A list of per-user arrays -> (offsets, items)."""
+    lens = np.array([len(x) for x in item_lists], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    items = np.concatenate(item_lists) if item_lists else np.zeros(0, dtype=np.int32)
+    return offsets, items

@@ -1,0 +1,172 @@
+"""Where data lives: any local path, ``file://``, ``s3://`` or other fsspec URI -> a filesystem.
+
+Object-storage options come from ``StorageSection`` (endpoint, region, anonymous) or the standard
+AWS environment variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, …).
+Credentials are never part of a config, a log line or an output file: they stay in the
+environment (or the instance role) and reach pyarrow's S3 client from there.
+
+An unreachable endpoint fails after bounded retries with an error naming the endpoint, never a
+multi-minute hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from fearec_dist.config import StorageSection
+from fearec_dist.data.errors import DataError
+
+CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 20.0
+MAX_ATTEMPTS = 3
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def endpoint_of(storage: StorageSection | None) -> str | None:
+    storage = storage or StorageSection()
+    return (
+        storage.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+
+
+def s3_filesystem(storage: StorageSection | None) -> pafs.S3FileSystem:
+    """pyarrow's S3 client with bounded timeouts and retries; credentials from the environment."""
+    storage = storage or StorageSection()
+    kwargs: dict[str, Any] = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "request_timeout": REQUEST_TIMEOUT_S,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
+    }
+    endpoint = endpoint_of(storage)
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs["endpoint_override"] = host or scheme
+        kwargs["scheme"] = scheme if host else "https"
+    region = storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs["region"] = region or "us-east-1"
+    if storage.anonymous:
+        kwargs["anonymous"] = True
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, storage: StorageSection | None = None) -> tuple[pafs.FileSystem, str]:
+    """Returns (pyarrow filesystem, path inside it) for a local path or URI."""
+    if not uri:
+        raise DataError("empty URI")
+    if uri.startswith("s3://") or uri.startswith("s3a://"):
+        return s3_filesystem(storage), uri.split("://", 1)[1].rstrip("/")
+    if is_remote(uri):  # any other fsspec protocol (gcs, abfs, memory, …)
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    path = os.path.abspath(uri.removeprefix("file://"))
+    return pafs.LocalFileSystem(), path
+
+
+def _describe(uri: str, storage: StorageSection | None) -> str:
+    endpoint = endpoint_of(storage)
+    return f"{uri} (endpoint {endpoint})" if endpoint and is_remote(uri) else uri
+
+
+def file_info(uri: str, storage: StorageSection | None = None) -> pafs.FileInfo:
+    fs, path = resolve(uri, storage)
+    try:
+        return fs.get_file_info(path)
+    except OSError as err:
+        raise DataError(f"cannot reach {_describe(uri, storage)}: {err}") from None
+
+
+def exists(uri: str, storage: StorageSection | None = None) -> bool:
+    return file_info(uri, storage).type != pafs.FileType.NotFound
+
+
+def list_files(
+    uri: str, storage: StorageSection | None = None, suffixes: tuple[str, ...] = ()
+) -> list[str]:
+    """Files under ``uri`` (a file, a directory, or a glob on the last path part), sorted.
+
+    Raises:
+        DataError: nothing there, naming the URI (and the endpoint for object storage).
+    """
+    fs, path = resolve(uri, storage)
+    prefix = uri[: len(uri) - len(uri.split("://", 1)[-1])] if is_remote(uri) else ""
+    base, pattern = path, None
+    if any(ch in posixpath.basename(path) for ch in "*?["):
+        base, pattern = posixpath.split(path)
+    try:
+        info = fs.get_file_info(base)
+        if info.type == pafs.FileType.File and pattern is None:
+            return [uri]
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"{_describe(uri, storage)} does not exist")
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    except OSError as err:
+        raise DataError(f"cannot reach {_describe(uri, storage)}: {err}") from None
+    import fnmatch
+
+    out = []
+    for fi in infos:
+        name = posixpath.basename(fi.path)
+        if fi.type != pafs.FileType.File or name.startswith((".", "_")):
+            continue
+        if pattern and not fnmatch.fnmatch(name, pattern):
+            continue
+        if suffixes and not name.endswith(suffixes):
+            continue
+        out.append(prefix + fi.path)
+    if not out:
+        raise DataError(f"{_describe(uri, storage)}: no input files found")
+    return sorted(out)
+
+
+def read_bytes(uri: str, storage: StorageSection | None = None) -> bytes:
+    fs, path = resolve(uri, storage)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        if "not found" in str(err).lower() or "does not exist" in str(err).lower():
+            raise FileNotFoundError(f"{uri} does not exist") from None
+        raise DataError(f"cannot read {_describe(uri, storage)}: {err}") from None
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageSection | None = None) -> None:
+    fs, path = resolve(uri, storage)
+    try:
+        parent = posixpath.dirname(path)
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+    except OSError as err:
+        raise DataError(f"cannot write {_describe(uri, storage)}: {err}") from None
+
+
+def read_json(uri: str, storage: StorageSection | None = None) -> Any:
+    return json.loads(read_bytes(uri, storage))
+
+
+def write_json(uri: str, obj: Any, storage: StorageSection | None = None) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, default=str).encode(), storage)
+
+
+def delete_dir(uri: str, storage: StorageSection | None = None) -> None:
+    fs, path = resolve(uri, storage)
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+    except OSError as err:
+        raise DataError(f"cannot delete {_describe(uri, storage)}: {err}") from None
