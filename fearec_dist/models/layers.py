@@ -1,0 +1,193 @@
+"""Transformer parts shared by every model (RecBole 1.2.1 `layers.py` semantics, spec/baselines.md).
+
+Shapes: B batch, L max_seq_len, D hidden size, H heads, E = D / H head size, V = n_items + 1.
+
+Sub-module names follow RecBole's (``query``, ``key``, ``value``, ``dense``, ``LayerNorm``,
+``dense_1``, ``dense_2``) so RecBole checkpoints map onto them key for key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MASK_VALUE = -10000.0  # RecBole's additive mask value (not -inf: fully padded rows stay finite)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """RecBole's init: Linear/Embedding ~ N(0, std²) (padding row included), bias 0, LN (1, 0)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.data.normal_(mean=0.0, std=std)
+    if isinstance(module, nn.LayerNorm):
+        module.bias.data.zero_()
+        module.weight.data.fill_(1.0)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        module.bias.data.zero_()
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout, with the keep mask drawn as one random byte per element.
+
+    Same semantics as ``F.dropout`` (fresh mask each call, kept values scaled by 1/(1-p)); the
+    keep probability is rounded to a multiple of 1/256 (exact for p = 0.5, 0.25, …; p = 0.1
+    becomes 26/256 ≈ 0.1016). Drawing bytes instead of float Bernoullis is much cheaper on CPU,
+    where dropout's masks were about 45 % of FEARec's step (issue 5's profile).
+    """
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0:
+        return torch.zeros_like(x)
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    threshold = round(p * 256)
+    keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device).random_(0, 256) >= threshold
+    return x * keep * (256.0 / (256 - threshold))
+
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` with the cheaper mask of :func:`dropout`."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def causal_padding_mask(item_seq: torch.Tensor) -> torch.Tensor:
+    """Additive (B, 1, L, L) mask: 0 where key j <= query i and item_seq[b, j] > 0, else -10000."""
+    L = item_seq.shape[1]
+    allowed = (item_seq > 0)[:, None, None, :] & torch.ones(
+        L, L, dtype=torch.bool, device=item_seq.device
+    ).tril()
+    return torch.zeros(allowed.shape, device=item_seq.device).masked_fill(~allowed, MASK_VALUE)
+
+
+def padding_mask(item_seq: torch.Tensor) -> torch.Tensor:
+    """Additive (B, 1, 1, L) bidirectional mask: 0 for real keys, -10000 for padding."""
+    pad = (item_seq == 0)[:, None, None, :]
+    return torch.zeros(pad.shape, device=item_seq.device).masked_fill(pad, MASK_VALUE)
+
+
+def gather_last(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """hidden (B, L, D), lengths (B,) -> (B, D): the state at position len - 1 (right padding)."""
+    idx = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+    return hidden.gather(1, idx).squeeze(1)
+
+
+class MultiHeadAttention(nn.Module):
+    """softmax(QKᵀ/√E + M) V with dropout on the probabilities; Out = LN(X + Drop(C Wo))."""
+
+    def __init__(
+        self, hidden: int, n_heads: int, hidden_dropout: float, attn_dropout: float, eps: float
+    ) -> None:
+        super().__init__()
+        if hidden % n_heads:
+            raise ValueError(f"hidden size {hidden} is not a multiple of n_heads {n_heads}")
+        self.n_heads, self.head_size, self.attn_dropout = n_heads, hidden // n_heads, attn_dropout
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        self.dense = nn.Linear(hidden, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+        self.out_dropout = Dropout(hidden_dropout)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        return x.view(B, L, self.n_heads, self.head_size).transpose(1, 2)  # (B, H, L, E)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split(self.query(x)), self.split(self.key(x)), self.split(self.value(x))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_size) + mask  # (B, H, L, L)
+        probs = dropout(scores.softmax(dim=-1), self.attn_dropout, self.training)
+        ctx = (probs @ v).transpose(1, 2).reshape(x.shape)  # (B, L, D)
+        return self.LayerNorm(x + self.out_dropout(self.dense(ctx)))
+
+
+class FeedForward(nn.Module):
+    """LN(Y + Drop(W2 gelu(W1 Y))), gelu in its exact erf form."""
+
+    def __init__(self, hidden: int, inner: int, dropout_p: float, eps: float) -> None:
+        super().__init__()
+        self.dense_1 = nn.Linear(hidden, inner)
+        self.dense_2 = nn.Linear(inner, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = Dropout(dropout_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(x + self.dropout(self.dense_2(F.gelu(self.dense_1(x)))))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(
+        self,
+        hidden: int,
+        n_heads: int,
+        inner: int,
+        hidden_dropout: float,
+        attn_dropout: float,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.multi_head_attention = MultiHeadAttention(
+            hidden, n_heads, hidden_dropout, attn_dropout, eps
+        )
+        self.feed_forward = FeedForward(hidden, inner, hidden_dropout, eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(self.multi_head_attention(x, mask))
+
+
+class TransformerEncoder(nn.Module):
+    """``n_layers`` post-LN blocks (RecBole ``TransformerEncoder``); returns the last layer."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        hidden: int,
+        n_heads: int,
+        inner: int,
+        hidden_dropout: float,
+        attn_dropout: float,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(
+            TransformerLayer(hidden, n_heads, inner, hidden_dropout, attn_dropout, eps)
+            for _ in range(n_layers)
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, mask)
+        return x
+
+
+class SequentialBase(nn.Module):
+    """Item + position embeddings, LayerNorm and dropout at the input (spec fearec.md §1).
+
+    X0 = Drop(LN(E_item[s] + E_pos[0..L-1])); padding positions are not zeroed. The tables sit on
+    the model itself, so state-dict keys are RecBole's (``item_embedding.weight``, …).
+    """
+
+    def __init__(
+        self, n_rows: int, max_seq_len: int, hidden: int, dropout_p: float, eps: float
+    ) -> None:
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        self.item_embedding = nn.Embedding(n_rows, hidden, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_seq_len, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = Dropout(dropout_p)
+
+    def embed(self, item_seq: torch.Tensor) -> torch.Tensor:
+        pos = self.position_embedding.weight[: item_seq.shape[1]]  # (L, D)
+        return self.dropout(self.LayerNorm(self.item_embedding(item_seq) + pos))
+
+    def item_scores(self, seq_repr: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, V) logits against the tied item table (padding column included)."""
+        return seq_repr @ self.item_embedding.weight.T

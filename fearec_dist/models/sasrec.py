@@ -1,0 +1,87 @@
+"""SASRec (Kang & McAuley, ICDM 2018) as RecBole 1.2.1 implements it (spec/baselines.md).
+
+Shapes: B batch, L max_seq_len, D hidden size, V = n_items + 1.
+
+Causal self-attention over the right-padded history, the state at position len - 1, logits
+against the tied item table, full-softmax CE. RecBole's FFN is a Linear pair (the original SASRec
+uses 1×1 convolutions and BCE with one negative).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fearec_dist.config import ConfigError
+from fearec_dist.models.layers import (
+    SequentialBase,
+    TransformerEncoder,
+    causal_padding_mask,
+    gather_last,
+    init_weights,
+)
+from fearec_dist.models.losses import ce_loss
+
+
+@dataclass
+class SASRecConfig:
+    hidden_size: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    inner_size: int = 256  # FFN width
+    hidden_dropout: float = 0.5  # embeddings, residual branches, FFN
+    attn_dropout: float = 0.5  # attention probabilities
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.n_heads:
+            raise ConfigError(
+                f"model.n_heads: hidden_size {self.hidden_size} is not a multiple of {self.n_heads}"
+            )
+        for key in ("hidden_dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"model.{key}: must be in [0, 1), got {getattr(self, key)}")
+        if self.n_layers < 1:
+            raise ConfigError(f"model.n_layers: must be >= 1, got {self.n_layers}")
+
+
+class SASRec(SequentialBase):
+    """Example::
+
+    model = SASRec(SASRecConfig(), n_items=1682, max_seq_len=50)
+    seq_repr = model(item_seq, seq_len)  # (B, 64)
+    """
+
+    def __init__(self, config: SASRecConfig, n_items: int, max_seq_len: int) -> None:
+        c = config
+        super().__init__(
+            n_items + 1, max_seq_len, c.hidden_size, c.hidden_dropout, c.layer_norm_eps
+        )
+        self.config, self.n_items = config, n_items
+        self.trm_encoder = TransformerEncoder(
+            c.n_layers,
+            c.hidden_size,
+            c.n_heads,
+            c.inner_size,
+            c.hidden_dropout,
+            c.attn_dropout,
+            c.layer_norm_eps,
+        )
+        self.apply(lambda m: init_weights(m, c.initializer_range))
+
+    def forward(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        hidden = self.trm_encoder(self.embed(item_seq), causal_padding_mask(item_seq))
+        return gather_last(hidden, lengths)  # (B, D)
+
+
+def loss_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], gather=None) -> dict:
+    seq_repr = model(batch["item_seq"], batch["seq_len"])
+    ce = ce_loss(getattr(model, "module", model).item_scores(seq_repr), batch["target"])
+    return {"loss": ce, "ce": ce.detach()}
+
+
+def full_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    m = getattr(model, "module", model)
+    return m.item_scores(m(batch["item_seq"], batch["seq_len"]))
