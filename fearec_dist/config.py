@@ -84,7 +84,7 @@ class TrainSection:
     topk: list[int] = field(default_factory=lambda: [5, 10, 20])
     seed: int = 2026
     gather_negatives: bool = True  # contrastive candidates from all workers (with gradient)
-    shuffle_window: int = 4  # buckets mixed per shuffle window
+    shuffle_window: int = 0  # examples per worker shuffle window; 0 = the worker's whole shard
     torch_threads: int = 0  # 0 = cpus_per_worker rounded up
     amp: str = "auto"  # auto | off | bf16 | fp16 (auto = bf16 on CUDA when supported)
     max_steps_per_epoch: int = 0  # 0 = whole epoch; a cap for smoke tests and benchmarks

@@ -8,9 +8,15 @@ Training feed (DESIGN.md "Same-target positives"):
           drawn inside the bucket (seeded by run seed, epoch, bucket) -> shuffle over a window of
           buckets -> fixed-size batches.
 
-Shuffle: bucket order is re-drawn every epoch (Ray Data's ``randomize_block_order``) and examples
-are permuted within a window of ``shuffle_window`` buckets on each worker: a two-level shuffle
-that moves each example once per epoch ((L + 3) * 4 bytes) with no all-to-all exchange.
+Shuffle: bucket order is re-drawn every epoch (Ray Data's ``randomize_block_order``) and each
+worker permutes the examples of a window of ``shuffle_window`` examples (0, the default: its
+whole shard of the epoch). The window must be large: a bucket holds the examples of only 1/K of
+the targets, so batches drawn from a few buckets would train on a few targets at a time and
+forget the rest (measured on the synthetic data: valid HR@10 fell from 0.20 to 0.13 between
+epochs with 4-bucket windows, while an i.i.d. loader reaches 0.9). With the whole shard, each
+worker's batches are i.i.d. over its shard, and the global batch (all workers, DDP) covers the
+whole catalogue. Memory per worker: n_train / workers × (2L + 4) × 4 bytes. Each example moves
+once per epoch ((L + 3) × 4 bytes), with no all-to-all exchange.
 
 Ranks receive unequal numbers of examples, but every rank must run the same number of DDP steps.
 All ranks run ``steps = n_train // (batch_size * world_size)`` (at least 1): a rank that runs dry
@@ -139,7 +145,8 @@ class TrainFeed:
         needs_partner: bool,
     ) -> None:
         self.shard, self.batch_size, self.steps = shard, batch_size, steps
-        self.seed, self.rank, self.window, self.needs_partner = seed, rank, window, needs_partner
+        self.seed, self.rank, self.needs_partner = seed, rank, needs_partner
+        self.window = window  # examples per shuffle window; 0 = the whole shard
         self.wait_s = 0.0
         self.padded = self.skipped = 0
 
@@ -181,17 +188,17 @@ class TrainFeed:
                     exhausted = True
                 elif len(bucket["target"]):
                     window.append(self._pair(bucket, epoch))
-                if not exhausted and len(window) < self.window:
-                    continue
             n_window = sum(len(w["target"]) for w in window)
+            if not exhausted and (self.window == 0 or n_window < self.window):
+                continue
             if n_window >= bs:
                 pool = _concat_windows(window)
                 perm = rng.permutation(n_window)
-                n_full = n_window // bs
-                for i in range(min(n_full, self.steps - produced)):
+                n_emit = min(n_window // bs, self.steps - produced)
+                for i in range(n_emit):
                     yield to_model_batch(pool, perm[i * bs : (i + 1) * bs])
                     produced += 1
-                rest = perm[n_full * bs :]
+                rest = perm[n_emit * bs :]
                 window = [_take(pool, rest)] if len(rest) else []
                 last_pool = pool
             elif exhausted:  # ran dry: pad with rows re-drawn from what this rank has seen
