@@ -76,7 +76,11 @@ def test_two_worker_run(ray_session, synth_cfg):
     assert results["test"]["hr@10"] > _popularity_hr10(info) + 0.05
 
     # the same best weights re-scored in one process: every user once, identical metrics
-    ckpts = sorted(p for p in os.listdir(run_dir) if p.startswith("checkpoint_"))
+    ckpts = sorted(
+        p
+        for p in os.listdir(run_dir)
+        if os.path.isdir(f"{run_dir}/{p}") and p.startswith("checkpoint_")
+    )
     again = evaluate_checkpoint(f"{run_dir}/{ckpts[-1]}")
     assert again["n_valid"] == info["n_valid"] and again["n_test"] == info["n_test"]
     for split in ("valid", "test"):
