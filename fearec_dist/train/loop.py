@@ -212,12 +212,14 @@ def train_func(config: dict[str, Any]) -> None:
     valid_shard = ray.train.get_dataset_shard("valid")
     test_shard = ray.train.get_dataset_shard("test")
     if rank == 0 and progress.epoch == 0:
-        negatives = 2 * global_batch if gather is not None else 2 * cfg.train.batch_size
+        contrast = getattr(getattr(module, "config", None), "contrast", "none")
+        negatives = 2 * (global_batch if gather is not None else cfg.train.batch_size)
+        nce = f"InfoNCE candidates/row {negatives - 1} | " if contrast != "none" else ""
         print(
             f"[fearec-dist] {cfg.model.name}: {sum(p.numel() for p in module.parameters()):,} "
             f"params | {world} worker(s) x batch {cfg.train.batch_size} = global batch "
-            f"{global_batch} | {steps} steps/epoch | contrastive candidates/step {negatives} | "
-            f"device {device} | torch threads {threads} | run dir {run_dir}"
+            f"{global_batch} | {steps} steps/epoch | {nce}device {device} | "
+            f"torch threads {threads} | run dir {run_dir}"
         )
 
     def eval_split(shard: Any) -> dict[str, float]:
