@@ -24,11 +24,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_server):
     """A local Ray instance for the whole session (ray.init costs 6-8 s and ~1.8 GiB here).
 
     4 logical CPUs on this 2-core box: train workers and Tune drivers take fractions, and Ray
-    Data's read tasks need CPUs of their own, or everything waits on everything.
+    Data's read tasks need CPUs of their own, or everything waits on everything. The S3 server
+    starts first, so Ray's worker processes inherit its endpoint and dummy credentials from the
+    environment, as workers on a cluster get theirs from the environment or the instance role.
     """
     import ray
 
