@@ -34,14 +34,10 @@ def ray_session(s3_server):
     """
     import ray
 
+    from fearec_dist.train.trainer import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=False,
-        )
+        start_local_ray(num_cpus=4)
     yield ray
     ray.shutdown()
 

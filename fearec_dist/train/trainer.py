@@ -165,9 +165,34 @@ def init_ray(mode: str, cfg: ExperimentConfig) -> bool:
         return True
     need = max(cfg.run.workers, 1) * cfg.run.cpus_per_worker
     # Logical CPUs: room for the workers plus Ray Data's read tasks, or both wait on each other.
-    num_cpus = max(os.cpu_count() or 1, math.ceil(need) + 2)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    start_local_ray(max(os.cpu_count() or 1, math.ceil(need) + 2))
     return True
+
+
+def start_local_ray(num_cpus: int) -> Any:
+    """``ray.init(address="local")`` with the dashboard on 127.0.0.1 and a job-wide
+    ``RAY_API_SERVER_ADDRESS`` pointing at it.
+
+    Train V2's placement-group cleaner reads the State API (served by the dashboard) to notice a
+    dead controller, e.g. a Tune trial stopped by ASHA; without it the trial's CPUs leak and the
+    next trials wait forever. Naming the address keeps it on this instance even when other Ray
+    instances run on the machine.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    )
 
 
 def prepare_run(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
