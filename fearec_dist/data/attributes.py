@@ -79,3 +79,26 @@ def write_attributes(
         "items_with_attributes": len(items),
         "attribute_items_not_in_vocab": len(tokens) - len(items),
     }
+
+
+def read_attribute_table(
+    prepared_uri: str, storage: StorageSection | None, n_items: int
+) -> Any:
+    """``attributes.parquet`` -> a dense (n_items + 1, max attrs) long tensor (0 = padding), or
+    None when the prepared dataset has no attributes."""
+    import torch
+
+    from fearec_dist.data.sources import exists
+
+    uri = f"{prepared_uri.rstrip('/')}/attributes.parquet"
+    if not exists(uri, storage):
+        return None
+    fs, path = resolve(uri, storage)
+    table = pq.read_table(path, filesystem=fs)
+    items = table.column("item").to_numpy()
+    lists = table.column("attrs").to_pylist()
+    width = max((len(a) for a in lists), default=1) or 1
+    dense = np.zeros((n_items + 1, width), dtype=np.int64)
+    for item, attrs in zip(items, lists):
+        dense[item, : len(attrs)] = attrs
+    return torch.from_numpy(dense)

@@ -172,8 +172,15 @@ def train_func(config: dict[str, Any]) -> None:
     # [1] model, optimizer, and the state to resume from
     spec = get_spec(cfg.model.name)
     model = build_model(
-        cfg.model.name, n_items=info["n_items"], max_seq_len=info["max_seq_len"], **cfg.model.params
+        cfg.model.name,
+        n_items=info["n_items"],
+        max_seq_len=info["max_seq_len"],
+        **cfg.model.params,
+        **model_inputs(spec, cfg, info),
     ).to(device)
+    loss_fn = stage_loss(spec, cfg.train.stage)
+    if cfg.train.stage == "finetune" and ray.train.get_checkpoint() is None:
+        start_from_pretrained(spec, model, cfg)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     progress, best_state = Progress(), None
     restored = ray.train.get_checkpoint()
@@ -229,7 +236,7 @@ def train_func(config: dict[str, Any]) -> None:
     # [3] epochs
     for epoch in range(progress.epoch, cfg.train.epochs):
         stats = train_one_epoch(
-            model, spec.loss_terms, feed, epoch, optimizer, device, cfg.train.amp, gather
+            model, loss_fn, feed, epoch, optimizer, device, cfg.train.amp, gather
         )
         row: dict[str, Any] = {"epoch": epoch + 1}
         row |= {k: v for k, v in stats.items() if k.startswith("train/")}
@@ -237,7 +244,8 @@ def train_func(config: dict[str, Any]) -> None:
         row["samples_per_s"] = round(stats["train/samples"] * world / stats["seconds"], 1)
         row["data_wait_share"] = round(stats["data_wait_s"] / max(stats["seconds"], 1e-9), 4)
         row["padded"], row["skipped"] = stats["padded"], stats["skipped"]
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+        due = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
+        if due and cfg.train.stage != "pretrain":  # pretraining has no next-item head to rank
             valid = eval_split(valid_shard)
             row |= _prefixed(valid, "valid")
             value = valid[cfg.train.valid_metric]
@@ -260,6 +268,51 @@ def train_func(config: dict[str, Any]) -> None:
             if rank == 0:
                 print(f"[fearec-dist] early stop after {cfg.train.patience + 1} evals without gain")
             break
+
+
+def model_inputs(spec: Any, cfg: ExperimentConfig, info: dict[str, Any]) -> dict[str, Any]:
+    """Non-config constructor inputs: the item-attribute table for models that need one."""
+    if not spec.needs_attributes:
+        return {}
+    from fearec_dist.data.attributes import read_attribute_table
+
+    table = read_attribute_table(info["prepared_uri"], cfg.data.storage, info["n_items"])
+    if table is None:
+        raise ValueError(
+            f"model {cfg.model.name!r} needs item attributes, but the prepared dataset "
+            f"{info['prepared_uri']} has none: prepare it with --attributes (RecBole .item file "
+            "or item2attributes.json), or set data.attributes"
+        )
+    return {"_item_attributes": table}
+
+
+def stage_loss(spec: Any, stage: str) -> Any:
+    if stage != "pretrain":
+        return spec.loss_terms
+    fn = getattr(spec.module, "pretrain_loss_terms", None)
+    if fn is None:
+        raise ValueError(f"train.stage: model {spec.name!r} has no pretraining stage")
+    return fn
+
+
+def start_from_pretrained(spec: Any, model: torch.nn.Module, cfg: ExperimentConfig) -> None:
+    """S3Rec finetune: load the pretrained encoder, or say clearly that there is none."""
+    if cfg.train.pretrained:
+        state = ckpt.load_state_uri(cfg.train.pretrained, cfg.data.storage)
+        load = getattr(spec.module, "load_pretrained", None)
+        if load is None:
+            model.load_state_dict(state["model"], strict=False)
+        else:
+            load(model, state["model"])
+        print(f"[fearec-dist] finetuning from the pretrained encoder in {cfg.train.pretrained}")
+        return
+    if not cfg.train.allow_scratch:
+        raise ValueError(
+            "train.stage=finetune without train.pretrained: no pretrained checkpoint to start "
+            "from. Run --set train.stage=pretrain first and pass its checkpoint as "
+            "train.pretrained, or set train.allow_scratch=true to finetune from scratch."
+        )
+    print("[fearec-dist] finetuning from scratch (train.allow_scratch=true)")
 
 
 def _needs_partner(spec: Any, module: torch.nn.Module) -> bool:
