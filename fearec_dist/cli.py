@@ -4,6 +4,7 @@
     fearec-dist train --config F [--set section.key=value ...] [--local | --debug] [--workers N]
     fearec-dist tune --config F --space F [--local]
     fearec-dist evaluate --checkpoint URI
+    fearec-dist submit CONFIG [--tune SPACE] [--address URL]   (ray job submit on a cluster)
     fearec-dist demo
     python -m fearec_dist ...   (the same CLI)
 """
@@ -24,8 +25,7 @@ DEMO_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo.yaml"
 EPILOG = """\
 examples:
   fearec-dist demo
-  fearec-dist prepare --input ../shared/data/beauty/Beauty.txt --format seqtxt \
-      --output prepared/beauty
+  fearec-dist prepare --input data/Beauty.txt --format seqtxt --output prepared/beauty
   fearec-dist train --config jobs/configs/beauty.yaml --local --workers 2 --set train.lr=5e-4
   fearec-dist tune --config jobs/configs/beauty.yaml --space jobs/spaces/fearec.yaml --local
   fearec-dist evaluate --checkpoint runs/<name>/checkpoint_000004
@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="re-score a saved checkpoint on valid and test")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (path or URI)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    from fearec_dist.submit import build_submit_parser
+
+    build_submit_parser(sub)
 
     p = sub.add_parser("demo", help="prepare synthetic data and train FEARec locally (make demo)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="defaults to jobs/configs/demo.yaml")
@@ -191,7 +195,14 @@ def _print_results(results: dict[str, Any]) -> None:
         print(f"best epoch {results['best_epoch']} of {results.get('epochs_run')} run")
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from fearec_dist.submit import run_submit
+
+    return run_submit(args)
+
+
 COMMANDS = {
+    "submit": cmd_submit,
     "prepare": cmd_prepare,
     "train": cmd_train,
     "tune": cmd_tune,
