@@ -24,10 +24,13 @@ or usage error; 3 the cluster refused or could not take the submission; 4 still 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -49,14 +52,11 @@ EXCLUDES = [".git", ".venv", "runs/", "sweeps/", "prepared/", "__pycache__"]
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 EPILOG = """\
-The auth token is read from --token-path, else $RAY_AUTH_TOKEN / $RAY_AUTH_TOKEN_PATH, else
+The token comes from --token-path, else $RAY_AUTH_TOKEN / $RAY_AUTH_TOKEN_PATH, else
 ~/.ray/auth_token, and reaches `ray job submit` through its environment only.
---deps cluster (default): the cluster already has the dependencies (the venv a local head runs
-  in, the image, or the launcher's setup_commands); only the source is shipped. Nothing is
-  downloaded, so it works offline, and the job starts at once.
---deps pip: also `pip install` the pinned dependencies of pyproject.toml (except ray, which must
-  match the cluster's) into a per-job virtualenv on every node: the cluster needs a package index
-  and the first job on a node pays for the install.
+--deps cluster (default): the cluster has the dependencies already; only the source ships
+  (offline-safe, starts at once). --deps pip: also pip-install pyproject's pinned dependencies
+  (minus ray) per job on every node (needs a package index). See docs/cluster.md.
 """
 
 
@@ -79,8 +79,6 @@ class SubmitPlan:
     """Everything ``ray job submit`` needs; printed as is by ``--dry-run``."""
 
     command: list[str]
-    entrypoint: list[str]
-    runtime_env: dict[str, Any]
     address: str
     job_id: str
     auth: AuthToken
@@ -157,8 +155,27 @@ def resolve_address(address: str | None, environ: Mapping[str, str]) -> str:
     return addr if "://" in addr else f"http://{addr}"
 
 
-def is_local_address(address: str) -> bool:
-    return (urlparse(address).hostname or "") in LOCAL_HOSTS
+def head_is_this_machine(address: str, token: str | None) -> bool:
+    """True when the head runs here. A loopback address is not enough: an SSH tunnel (``ray
+    dashboard``) or ``kubectl port-forward`` looks the same, so the head's IP (state API) must be
+    one of this machine's too. If the API cannot tell, a loopback address counts as local."""
+    if (urlparse(address).hostname or "") not in LOCAL_HOSTS:
+        return False
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"{address}/api/v0/nodes?detail=true", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            nodes = json.load(response)["data"]["result"]["result"]
+        head_ip = next(n["node_ip"] for n in nodes if n.get("is_head_node"))
+    except (OSError, ValueError, KeyError, StopIteration):
+        return True
+    ours = {"127.0.0.1", "::1"}
+    with contextlib.suppress(OSError):
+        ours |= {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)}
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 80))  # no packet is sent; picks the outbound interface
+        ours.add(s.getsockname()[0])
+    return head_ip in ours
 
 
 def resolve_token(token_path: str | None, environ: Mapping[str, str]) -> AuthToken:
@@ -256,14 +273,10 @@ def validate(cfg_path: str, overrides: list[str], space: str | None) -> Experime
 
 def pinned_dependencies(root: Path) -> list[str]:
     """``[project].dependencies`` of the shipped pyproject.toml, minus ray (the cluster's own)."""
-    import re
-
     try:
         import tomllib
     except ImportError:  # Python 3.10
-        raise SubmitError(
-            "--deps pip needs Python >= 3.11 (tomllib) to read pyproject.toml"
-        ) from None
+        raise SubmitError("--deps pip needs Python >= 3.11 (tomllib)") from None
     pyproject = root / "pyproject.toml"
     if not pyproject.is_file():
         raise SubmitError(f"--deps pip: {pyproject} does not exist")
@@ -298,7 +311,8 @@ def ray_cli() -> str:
 
 
 def build_plan(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> SubmitPlan:
-    """Validates the config and returns the submission, without contacting the cluster."""
+    """Validates the config and returns the submission; sends nothing (one read-only query
+    when the address is loopback, to tell a local head from a tunnel)."""
     environ = os.environ if environ is None else environ
     kind = "tune" if args.tune else "train"
     overrides = list(args.overrides)
@@ -317,8 +331,10 @@ def build_plan(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
     stem = Path(args.config).stem
     job_id = args.submission_id or f"fearec-{kind}-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
+    auth = resolve_token(args.token_path, environ)
     notes: list[str] = []
-    overrides += _path_fixes(cfg, kind, is_local_address(address), root, notes)
+    local = head_is_this_machine(address, auth.token)
+    overrides += _path_fixes(cfg, kind, local, root, notes)
     # A fixed name makes the output directory known now (and resubmitting it resumes).
     if kind == "train" and not cfg.run.name:
         overrides.append(f"run.name={job_id}")
@@ -345,8 +361,7 @@ def build_plan(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
         "--no-wait",
         "--", *entrypoint,
     ]  # fmt: skip
-    auth = resolve_token(args.token_path, environ)
-    return SubmitPlan(command, entrypoint, runtime_env, address, job_id, auth, outputs, notes)
+    return SubmitPlan(command, address, job_id, auth, outputs, notes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,12 +406,6 @@ def wait_for_job(plan: SubmitPlan, timeout: float, follow_logs: bool) -> str:
         time.sleep(min(2.0, left()))
 
 
-def _print_plan(plan: SubmitPlan) -> None:
-    print(shlex.join(plan.command))
-    names = " ".join(f"{k}={v}" for k, v in plan.auth.set_env.items())
-    print(f"# environment: {names or '(no token found: submitted without auth)'}")
-
-
 def _print_next_steps(plan: SubmitPlan) -> None:
     a = shlex.quote(plan.address)
     print(f"[fearec-dist] submitted job {plan.job_id} to {plan.address}")
@@ -431,18 +440,33 @@ def run_submit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.dry_run:
-        _print_plan(plan)
+        print(shlex.join(plan.command))
+        names = " ".join(f"{k}={v}" for k, v in plan.auth.set_env.items())
+        print(f"# environment: {names or '(no token: no auth variables)'}")
         return 0
     print(f"[fearec-dist] submitting {plan.job_id} (token from {plan.auth.source})", flush=True)
-    done = subprocess.run(plan.command, env=plan.child_env(), capture_output=True, text=True)
+    try:  # uploading the working dir is the slow part; 5 minutes is plenty
+        done = subprocess.run(
+            plan.command, env=plan.child_env(), capture_output=True, text=True, timeout=300
+        )
+    except subprocess.TimeoutExpired:
+        print(f"fearec-dist submit: no answer from {plan.address} in 300 s", file=sys.stderr)
+        return 3
     if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-12:])
-        print(f"fearec-dist submit: ray job submit failed:\n{tail}", file=sys.stderr)
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        errors = [ln for ln in lines if "Error" in ln and not ln.startswith(" ")] or lines[-6:]
+        print(
+            "fearec-dist submit: ray job submit failed:\n" + "\n".join(errors[-3:]), file=sys.stderr
+        )
         return 3
     _print_next_steps(plan)
     if args.no_wait:
         return 0
-    status = wait_for_job(plan, args.timeout, follow_logs=not args.quiet)
+    try:
+        status = wait_for_job(plan, args.timeout, follow_logs=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\n[fearec-dist] stopped waiting; job {plan.job_id} keeps running")
+        return 130
     print(f"[fearec-dist] job {plan.job_id}: {status}")
     if status == "SUCCEEDED":
         print(f"[fearec-dist] outputs in {plan.outputs}")
