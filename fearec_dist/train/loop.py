@@ -15,7 +15,9 @@ even when Tune's ASHA stops the trial early.
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -32,6 +34,21 @@ from fearec_dist.train import checkpoint as ckpt
 from fearec_dist.train.distributed import build_gather
 from fearec_dist.train.metrics import MetricAccumulator, mask_history_, ranks_from_scores
 from fearec_dist.train.outputs import write_run_outputs
+
+
+def say(message: str) -> None:
+    """One console line. Written to stdout directly: Ray Train's patched ``print`` on workers
+    sends each line to the console twice (once through its logger)."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def quiet_ray_train_console() -> None:
+    """Ray Train logs every report (the whole metrics dict) at INFO on the console; keep that in
+    its log files and show warnings only."""
+    for handler in logging.getLogger("ray.train").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
 
 
 @dataclass
@@ -159,6 +176,7 @@ def train_func(config: dict[str, Any]) -> None:
     from fearec_dist.models import build_model, get_spec
 
     cfg = ExperimentConfig.from_dict(config["experiment"], "train_loop_config")
+    quiet_ray_train_console()
     info, run_dir = config["examples"], config["run_dir"]
     storage = cfg.data.storage
     ctx = ray.train.get_context()
@@ -193,7 +211,7 @@ def train_func(config: dict[str, Any]) -> None:
         best_state = state.get("best_model")
         ckpt.set_rng_state(state["rng"])
         if rank == 0:
-            print(f"[fearec-dist] resumed from epoch {progress.epoch} ({restored.path})")
+            say(f"[fearec-dist] resumed from epoch {progress.epoch} ({restored.path})")
     if world > 1:
         # No buffer broadcast: FEARec's band masks are constant buffers, and eval runs unwrapped.
         model = ray.train.torch.prepare_model(
@@ -222,7 +240,7 @@ def train_func(config: dict[str, Any]) -> None:
         contrast = getattr(getattr(module, "config", None), "contrast", "none")
         negatives = 2 * (global_batch if gather is not None else cfg.train.batch_size)
         nce = f"InfoNCE candidates/row {negatives - 1} | " if contrast != "none" else ""
-        print(
+        say(
             f"[fearec-dist] {cfg.model.name}: {sum(p.numel() for p in module.parameters()):,} "
             f"params | {world} worker(s) x batch {cfg.train.batch_size} = global batch "
             f"{global_batch} | {steps} steps/epoch | {nce}device {device} | "
@@ -266,7 +284,7 @@ def train_func(config: dict[str, Any]) -> None:
         _report(row, progress, module, optimizer, best_state, cfg, info, run_dir, rank, storage)
         if progress.stopped_early:
             if rank == 0:
-                print(f"[fearec-dist] early stop after {cfg.train.patience + 1} evals without gain")
+                say(f"[fearec-dist] early stop after {cfg.train.patience + 1} evals without gain")
             break
 
 
@@ -304,7 +322,7 @@ def start_from_pretrained(spec: Any, model: torch.nn.Module, cfg: ExperimentConf
             model.load_state_dict(state["model"], strict=False)
         else:
             load(model, state["model"])
-        print(f"[fearec-dist] finetuning from the pretrained encoder in {cfg.train.pretrained}")
+        say(f"[fearec-dist] finetuning from the pretrained encoder in {cfg.train.pretrained}")
         return
     if not cfg.train.allow_scratch:
         raise ValueError(
@@ -312,7 +330,7 @@ def start_from_pretrained(spec: Any, model: torch.nn.Module, cfg: ExperimentConf
             "from. Run --set train.stage=pretrain first and pass its checkpoint as "
             "train.pretrained, or set train.allow_scratch=true to finetune from scratch."
         )
-    print("[fearec-dist] finetuning from scratch (train.allow_scratch=true)")
+    say("[fearec-dist] finetuning from scratch (train.allow_scratch=true)")
 
 
 def _needs_partner(spec: Any, module: torch.nn.Module) -> bool:
@@ -382,4 +400,4 @@ def _print_epoch(row: dict[str, Any], metric: str, epochs: int) -> None:
         if key in row:
             parts.append(f"{key} {row[key]:.4f}")
     parts.append(f"{row['samples_per_s']:.0f} samples/s, data wait {row['data_wait_share']:.1%}")
-    print("[fearec-dist] " + " | ".join(parts), flush=True)
+    say("[fearec-dist] " + " | ".join(parts))
