@@ -86,3 +86,34 @@ def test_asha_sweep_stops_weak_trials_and_best_config_trains(ray_session, tmp_pa
     assert best.train.lr == pytest.approx(float(rows[0]["train.lr"]))
     results = run_training(best, mode="local")
     assert results["epochs_run"] == 1
+
+
+@pytest.mark.slow
+def test_sweep_reads_its_data_from_s3(ray_session, s3_server, tmp_path):
+    from fearec_dist.config import DataSection
+    from fearec_dist.data.prepare import prepare_dataset
+    from fearec_dist.tune import run_sweep
+
+    bucket = s3_server.create_bucket("sweep-data")
+    data = DataSection(synthetic_users=120, synthetic_items=30)
+    prepare_dataset("", "synthetic", f"s3://{bucket}/prepared", data=data, progress=False)
+    space = _space(tmp_path, {"train.lr": {"choice": [1e-3, 1e-2]}})
+    overrides = [o for o in TINY if not o.startswith(("data.format", "data.synthetic", "tune."))]
+    cfg = load_config(
+        None,
+        [
+            *overrides,
+            "data.format=prepared",
+            f"data.path=s3://{bucket}/prepared",
+            "tune.num_samples=2",
+            "tune.max_t=2",
+            "tune.name=s3",
+            f"tune.storage_path={tmp_path}/sweeps",
+        ],
+    )
+    summary = run_sweep(cfg, space, mode="local")
+    assert summary["n_trials"] == 2
+    with open(tmp_path / "sweeps" / "s3" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["status"] for r in rows} <= {"done", "stopped"}
+    assert all(float(r["best"]) > 0 for r in rows)
