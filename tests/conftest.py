@@ -126,3 +126,25 @@ def shared_dataset(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"test dataset {path} is not present (expected beside the repo in ../shared)")
     return path
+
+
+def run_gloo_ranks(target, args: tuple, world: int = 2, timeout: float = 180) -> list:
+    """Runs ``target(rank, world, port, *args, out)`` in ``world`` spawned processes (a real gloo
+    process group each); returns what each put on ``out``, sorted (rank first)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = sorted(out.get(timeout=timeout) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.terminate()
+    assert all(p.exitcode == 0 for p in procs)
+    return results

@@ -5,15 +5,14 @@ updated parameters differ (the negative pool shrinks to the local batch)."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fearec_dist.models import build_model, get_spec
 from fearec_dist.train.distributed import build_gather
+from tests.conftest import run_gloo_ranks
 
 N_ITEMS, L, B = 40, 12, 8
 MODEL = "fearec_official"
@@ -55,9 +54,9 @@ def _step(model, batch, gather) -> float:
     return float(terms["loss"].detach())
 
 
-def _worker(rank: int, port: int, use_gather: bool, out) -> None:
+def _worker(rank: int, world: int, port: int, use_gather: bool, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         model = torch.nn.parallel.DistributedDataParallel(_model(), broadcast_buffers=False)
@@ -70,19 +69,7 @@ def _worker(rank: int, port: int, use_gather: bool, out) -> None:
 
 
 def _run_two(use_gather: bool):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, port, use_gather, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(out.get(timeout=180) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return results
+    return run_gloo_ranks(_worker, (use_gather,))
 
 
 def test_two_ranks_with_gathered_negatives_equal_one_process():

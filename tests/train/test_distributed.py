@@ -4,20 +4,13 @@ averaged over ranks, equals the single-process gradient of the whole batch (both
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fearec_dist.train import distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import run_gloo_ranks
 
 
 def _contrastive(local: torch.Tensor, gathered: torch.Tensor, offset: int) -> torch.Tensor:
@@ -52,18 +45,7 @@ def _worker(rank: int, world: int, port: int, use_functional: bool, sizes: list[
 @pytest.mark.parametrize("use_functional", [True, False])
 @pytest.mark.parametrize("sizes", [[3, 3], [2, 5]])
 def test_gathered_local_loss_equals_single_process(use_functional, sizes):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(r, 2, port, use_functional, sizes, out)) for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = dict(run_gloo_ranks(_worker, (use_functional, sizes)))
 
     torch.manual_seed(0)
     w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
