@@ -150,7 +150,7 @@ def run_sweep(cfg: ExperimentConfig, space_path: str | Path, mode: str = "local"
     space = read_space(space_path)
     cfg.train.eval_every = 1  # every report carries the metric ASHA reads
     validate_space(space, cfg, str(space_path))
-    started = init_ray(mode, cfg)
+    started = init_ray(mode, cfg, concurrent_runs=cfg.tune.max_concurrent_trials or 2)
     try:
         name = cfg.tune.name or f"{cfg.model.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
         root = storage_root(cfg.tune.storage_path)

@@ -147,8 +147,11 @@ def build_trainer(
     )
 
 
-def init_ray(mode: str, cfg: ExperimentConfig) -> bool:
-    """Starts or joins Ray for ``mode``; returns True when this call started it (caller stops)."""
+def init_ray(mode: str, cfg: ExperimentConfig, concurrent_runs: int = 1) -> bool:
+    """Starts or joins Ray for ``mode``; returns True when this call started it (caller stops).
+
+    ``concurrent_runs``: trainer runs that will share a local instance (Tune trials).
+    """
     import ray
 
     if ray.is_initialized():
@@ -163,7 +166,7 @@ def init_ray(mode: str, cfg: ExperimentConfig) -> bool:
                 "see README 'Run on a cluster'), set RAY_ADDRESS, or use --local / --debug."
             ) from None
         return True
-    need = max(cfg.run.workers, 1) * cfg.run.cpus_per_worker
+    need = concurrent_runs * (max(cfg.run.workers, 1) * cfg.run.cpus_per_worker + 0.5)
     # Logical CPUs: room for the workers plus Ray Data's read tasks, or both wait on each other.
     start_local_ray(max(os.cpu_count() or 1, math.ceil(need) + 2))
     return True
