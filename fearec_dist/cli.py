@@ -1,12 +1,12 @@
 """Command line: argparse -> config -> one call into data/, train/ or tune. Nothing else.
 
-    fearec-dist prepare --input URI --format {parquet,csv,atomic,seqtxt,synthetic} --output URI
-    fearec-dist train --config F [--set section.key=value ...] [--local | --debug] [--workers N]
-    fearec-dist tune --config F --space F [--local]
-    fearec-dist evaluate --checkpoint URI
-    fearec-dist submit CONFIG [--tune SPACE] [--address URL]   (ray job submit on a cluster)
-    fearec-dist demo
-    python -m fearec_dist ...   (the same CLI)
+fearec-dist prepare --input URI --format {parquet,csv,atomic,seqtxt,synthetic} --output URI
+fearec-dist train --config F [--set section.key=value ...] [--local | --debug] [--workers N]
+fearec-dist tune --config F --space F [--local]
+fearec-dist evaluate --checkpoint URI
+fearec-dist submit CONFIG [--tune SPACE] [--address URL]   (ray job submit on a cluster)
+fearec-dist demo
+python -m fearec_dist ...   (the same CLI)
 """
 
 from __future__ import annotations
@@ -100,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="start a Ray instance on this machine")
 
     p = sub.add_parser("evaluate", help="re-score a saved checkpoint on valid and test")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (path or URI)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint directory, or a run directory (its newest checkpoint); path or URI",
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
     from fearec_dist.submit import build_submit_parser

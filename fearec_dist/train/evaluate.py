@@ -15,7 +15,7 @@ import torch
 
 from fearec_dist.config import ExperimentConfig, StorageSection
 from fearec_dist.train.checkpoint import load_state_uri
-from fearec_dist.train.loop import evaluate
+from fearec_dist.train.loop import evaluate, model_inputs
 
 
 def iter_split(uri: str, batch_size: int, storage: StorageSection) -> Iterator[pa.Table]:
@@ -26,18 +26,43 @@ def iter_split(uri: str, batch_size: int, storage: StorageSection) -> Iterator[p
         yield pa.Table.from_batches([rb])
 
 
+def latest_checkpoint(uri: str, storage: StorageSection | None = None) -> str:
+    """``uri`` itself when it is a checkpoint; for a run directory, its newest checkpoint."""
+    import pyarrow.fs as pafs
+
+    from fearec_dist.data.sources import resolve
+
+    fs, path = resolve(uri, storage)
+    if fs.get_file_info(f"{path}/state.pt").type == pafs.FileType.File:
+        return uri
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(
+        i.base_name
+        for i in infos
+        if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+    )
+    if not names:
+        raise FileNotFoundError(f"{uri}: neither a checkpoint nor a run directory with one")
+    return f"{uri.rstrip('/')}/{names[-1]}"
+
+
 def evaluate_checkpoint(uri: str, storage: StorageSection | None = None) -> dict[str, Any]:
-    """Loads the checkpoint at ``uri`` and returns ``{"valid": {...}, "test": {...}, ...}``."""
+    """Loads the checkpoint at ``uri`` (or a run directory's newest) and returns
+    ``{"valid": {...}, "test": {...}, ...}``."""
     from fearec_dist.models import build_model, get_spec
 
-    cfg_probe = ExperimentConfig()
-    state = load_state_uri(uri, storage or cfg_probe.data.storage)
+    storage = storage or StorageSection()
+    uri = latest_checkpoint(uri, storage)
+    state = load_state_uri(uri, storage)
     cfg = ExperimentConfig.from_dict(state["config"], f"{uri} (checkpoint config)")
-    storage = storage or cfg.data.storage
     data = state["data"]
     spec = get_spec(cfg.model.name)
     model = build_model(
-        cfg.model.name, n_items=data["n_items"], max_seq_len=data["max_seq_len"], **cfg.model.params
+        cfg.model.name,
+        n_items=data["n_items"],
+        max_seq_len=data["max_seq_len"],
+        **cfg.model.params,
+        **model_inputs(spec, cfg, data),
     )
     weights = state.get("best_model") or state["model"]
     model.load_state_dict(weights)
