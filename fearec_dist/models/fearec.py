@@ -6,23 +6,27 @@ k delays, V = n_items + 1.
 Each FEA block mixes two branches of one set of projections Q, K, V (spec §3):
 - Branch A (always): the band-limited cross-spectrum of queries and keys gives an
   auto-correlation over lags, averaged over heads and channels; the top-k lags pick circular
-  time delays of the (unfiltered) values, weighted by a softmax (§3.3). The average over heads
-  and channels is taken before the inverse FFT (it is linear), so one irfft of (B, F) is done.
-  The delay aggregation is a (B, L, L) matrix built by one scatter, applied with one bmm.
+  time delays of the (unfiltered) values, weighted by a softmax (§3.3). The mean over heads and
+  channels is taken before the inverse FFT (the irfft is linear), so one irfft of (B, F) is done.
+  The delay aggregation is one batched gather of the (B, L) delay weights through a precomputed
+  circulant index (L, L), applied with one bmm.
 - Branch B (``dual_domain``): causal self-attention on band-filtered q/k/v (§3.4).
-C = (1 - γ) C_freq + γ C_time, then dense + dropout + residual + LN, then the FFN.
+C = (1 - γ) C_freq + γ C_time, then dense + dropout + residual + LN, then the FFN. A branch with
+weight 0 is skipped (γ = 0 or 1): its product with 0 is 0, only the dropout RNG stream differs.
 
 Layer l keeps its own band of rfft bins (the "ramp", §3.2): the input-side layer the highest
-frequencies, deeper layers sliding toward low ones. Band masks are constant buffers.
+frequencies, deeper layers sliding toward low ones. Band masks are constant buffers, not state.
 
 Branch A uses batch-shared delays in training and per-sample delays in eval mode (§10.7, the
-reference's behaviour). With W workers, each worker picks the shared delays from its own batch,
-like BatchNorm's local statistics; ``per_sample_delays_in_training`` removes that dependence.
+reference's behaviour). With batch-shared delays, W workers each pick the delays from their own
+batch, like BatchNorm's local statistics, so W workers are not exactly one big batch;
+``per_sample_delays_in_training`` removes that dependence (a departure from the reference).
 FFTs and mask arithmetic run in float32 under autocast (§10.14).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -34,12 +38,15 @@ from fearec_dist.models.layers import (
     Dropout,
     FeedForward,
     SequentialBase,
+    at_least_float32,
+    attend,
     causal_padding_mask,
-    dropout,
     gather_last,
     init_weights,
 )
-from fearec_dist.models.losses import ce_loss, freq_distance, info_nce
+from fearec_dist.models.losses import Candidates, ce_loss, freq_distance
+
+log = logging.getLogger(__name__)
 
 CONTRASTS = ("none", "un", "su", "us", "us_x")
 FREQ_REG_WEIGHT = 0.1  # hard-coded in the reference (spec §5.4)
@@ -47,60 +54,72 @@ FREQ_REG_WEIGHT = 0.1  # hard-coded in the reference (spec §5.4)
 
 @dataclass
 class FEARecConfig:
+    """FEARec's keys; defaults are the official repo's (`FEARec.yaml` + `seq.yaml`, spec §7)."""
+
     hidden_size: int = 64
     n_layers: int = 2
     n_heads: int = 2
-    inner_size: int = 256
-    hidden_dropout: float = 0.5
+    inner_size: int = 256  # FFN width
+    hidden_dropout: float = 0.5  # embeddings, residual branches, FFN
     attn_dropout: float = 0.5  # Branch B's attention probabilities only
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     global_ratio: float = 1.0  # g: band width ratio (§3.2)
-    topk_factor: float = 1.0  # k = int(topk_factor * ln L)
+    topk_factor: float = 1.0  # k = int(topk_factor * ln L) delays (§3.3)
     dual_domain: bool = False  # Branch B on/off
     band_limit_time: bool = False  # RecBole `std`: band-limit Branch B's q/k/v too
     spatial_ratio: float = 0.0  # γ: weight of Branch B (the time domain)
-    contrast: str = "none"  # none | un | su | us | us_x (§5.3)
+    contrast: str = "us_x"  # none | un | su | us | us_x (§5.3); RecBole 1.2.1's None = "none"
     sim: str = "dot"  # dot | cos
-    tau: float = 1.0
-    lmd: float = 0.1  # weight of the unsupervised (dropout-view) InfoNCE
-    lmd_sem: float = 0.1  # weight of the same-target InfoNCE
-    freq_reg: bool = False  # RecBole `fredom`: frequency-domain regulariser (§5.4), us_x only
+    tau: float = 1.0  # InfoNCE temperature
+    lmd: float = 0.1  # weight of the unsupervised (dropout-view) InfoNCE, term "nce"
+    lmd_sem: float = 0.1  # weight of the same-target InfoNCE, term "nce_sem"
+    freq_reg: bool = False  # RecBole `fredom`: frequency regulariser (§5.4), only with us_x
     freq_reg_pairs: str = "us_x"  # RecBole `fredom_type`: un | su | us | us_x
     per_sample_delays_in_training: bool = False  # reference: batch-shared delays in training
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.n_heads:
+        if self.n_heads < 1 or self.hidden_size % self.n_heads:
             raise ConfigError(
                 f"model.n_heads: hidden_size {self.hidden_size} is not a multiple of {self.n_heads}"
             )
-        if self.n_layers < 1:
-            raise ConfigError(f"model.n_layers: must be >= 1, got {self.n_layers}")
+        for key in ("hidden_size", "n_layers", "inner_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("hidden_dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"model.{key}: must be in [0, 1), got {getattr(self, key)}")
-        for key in ("global_ratio", "spatial_ratio"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"model.{key}: must be in [0, 1], got {getattr(self, key)}")
-        if self.global_ratio == 0:
-            raise ConfigError("model.global_ratio: must be > 0")
+        if not 0.0 < self.global_ratio <= 1.0:
+            raise ConfigError(f"model.global_ratio: must be in (0, 1], got {self.global_ratio}")
+        if not 0.0 <= self.spatial_ratio <= 1.0:
+            raise ConfigError(f"model.spatial_ratio: must be in [0, 1], got {self.spatial_ratio}")
+        if self.topk_factor <= 0:
+            raise ConfigError(f"model.topk_factor: must be > 0, got {self.topk_factor}")
         if self.contrast not in CONTRASTS:
             raise ConfigError(f"model.contrast: {self.contrast!r} is not one of {CONTRASTS}")
         if self.freq_reg_pairs not in CONTRASTS[1:]:
-            raise ConfigError(f"model.freq_reg_pairs: {self.freq_reg_pairs!r} is not valid")
+            raise ConfigError(
+                f"model.freq_reg_pairs: {self.freq_reg_pairs!r} is not one of {CONTRASTS[1:]}"
+            )
         if self.sim not in ("dot", "cos"):
             raise ConfigError(f"model.sim: {self.sim!r} is not dot or cos")
         if self.tau <= 0:
             raise ConfigError(f"model.tau: must be > 0, got {self.tau}")
 
     def check_length(self, max_seq_len: int) -> None:
-        """§10.6: k = int(factor · ln L) must lie in [1, L]."""
+        """Checks what depends on L: 1 <= k <= L (§10.6) and a non-empty band per layer."""
         k = topk_count(self.topk_factor, max_seq_len)
         if not 1 <= k <= max_seq_len:
             raise ConfigError(
                 f"model.topk_factor: k = int({self.topk_factor} * ln {max_seq_len}) = {k} "
                 f"delays, must be in [1, L={max_seq_len}]"
             )
+        for layer in range(self.n_layers):
+            if not layer_band(max_seq_len, self.n_layers, self.global_ratio, layer):
+                raise ConfigError(
+                    f"model.global_ratio: layer {layer} of {self.n_layers} gets no frequency bin "
+                    f"at L={max_seq_len}, g={self.global_ratio}"
+                )
 
 
 def topk_count(factor: float, max_seq_len: int) -> int:
@@ -109,9 +128,9 @@ def topk_count(factor: float, max_seq_len: int) -> int:
 
 
 def layer_band(max_seq_len: int, n_layers: int, global_ratio: float, layer: int) -> range:
-    """The rfft bins of layer ``layer`` (spec §3.2, float64 in the reference's order).
+    """The rfft bins [left, right) of layer ``layer`` (spec §3.2, Python floats in its order).
 
-    n_layers = 1 divides by zero in the reference (§10.4); here slide = 0 then.
+    ``n_layers = 1`` divides by zero in the reference (§10.4); here slide = 0 then.
     """
     n_bins = max_seq_len // 2 + 1
     mode_global = global_ratio > 1 / n_layers
@@ -119,126 +138,205 @@ def layer_band(max_seq_len: int, n_layers: int, global_ratio: float, layer: int)
     if mode_global:
         width, step = global_ratio, slide
     else:
-        width, step = 1 / n_layers, n_bins * (1 / n_layers)
+        width, step = 1 / n_layers, (1 / n_layers) * n_bins
     left = int(n_bins * (1 - width) - layer * step)
     right = int(n_bins - layer * step)
     return range(left, right)
 
 
-class HybridAttention(nn.Module):
-    """One FEA block's attention (spec §3): Branch A, optional Branch B, fusion, residual, LN."""
+def circulant_index(max_seq_len: int) -> torch.Tensor:
+    """(L, L) long: [t, s] = (s - t) mod L, the delay τ at which output t reads input s."""
+    t = torch.arange(max_seq_len)
+    return (t[None, :] - t[:, None]) % max_seq_len
 
-    def __init__(self, c: FEARecConfig, max_seq_len: int, layer: int) -> None:
+
+def aggregate_delays(
+    values: torch.Tensor, delay: torch.Tensor, weight: torch.Tensor, circulant: torch.Tensor
+) -> torch.Tensor:
+    """A[b, t] = Σ_i w[b, i] · values[b, (t + τ_{b,i}) mod L]  (§3.3 step 7).
+
+    The weights are scattered to a (B, L) weight-per-lag row, spread into the circulant matrix
+    M[b, t, s] = w_lag[b, (s - t) mod L] by one gather over ``circulant``, and A = M @ values.
+
+    Args:
+        values: (B, L, D).
+        delay: (B, k) long, distinct lags per row.
+        weight: (B, k).
+        circulant: (L, L) from `circulant_index`.
+
+    Returns:
+        (B, L, D).
+    """
+    B, L, _ = values.shape
+    per_lag = weight.new_zeros(B, L).scatter(1, delay, weight)  # (B, L)
+    mix = per_lag[:, circulant]  # (B, L, L)
+    return torch.bmm(mix, values)
+
+
+class HybridAttention(nn.Module):
+    """One FEA block's attention (spec §3): Branch A, optional Branch B, fusion, residual, LN.
+
+    Args:
+        band: rfft bins I_l of this layer (§3.2).
+        n_bins: F = L // 2 + 1.
+        max_seq_len: L.
+        k: number of delays.
+        filter_time: band-limit Branch B's q/k/v to ``band`` (RecBole ``std``).
+        spatial_ratio: γ, Branch B's weight; only used when ``dual_domain``.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        n_heads: int,
+        hidden_dropout: float,
+        attn_dropout: float,
+        layer_norm_eps: float,
+        max_seq_len: int,
+        band: range,
+        k: int,
+        dual_domain: bool,
+        filter_time: bool,
+        spatial_ratio: float,
+        per_sample_delays_in_training: bool = False,
+    ) -> None:
         super().__init__()
-        self.n_heads, self.head_size = c.n_heads, c.hidden_size // c.n_heads
-        self.k = topk_count(c.topk_factor, max_seq_len)
-        self.dual, self.gamma = c.dual_domain, c.spatial_ratio
-        self.attn_dropout = c.attn_dropout
-        self.per_sample_train = c.per_sample_delays_in_training
-        self.query_layer = nn.Linear(c.hidden_size, c.hidden_size)
-        self.key_layer = nn.Linear(c.hidden_size, c.hidden_size)
-        self.value_layer = nn.Linear(c.hidden_size, c.hidden_size)
-        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
-        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.out_dropout = Dropout(c.hidden_dropout)
+        self.n_heads, self.head_size, self.k = n_heads, hidden // n_heads, k
+        self.attn_dropout = attn_dropout
+        self.gamma = spatial_ratio if dual_domain else 0.0
+        self.per_sample_train = per_sample_delays_in_training
+        self.query_layer = nn.Linear(hidden, hidden)
+        self.key_layer = nn.Linear(hidden, hidden)
+        self.value_layer = nn.Linear(hidden, hidden)
+        self.dense = nn.Linear(hidden, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=layer_norm_eps)
+        self.out_dropout = Dropout(hidden_dropout)
         n_bins = max_seq_len // 2 + 1
-        band = torch.zeros(n_bins)
-        band[list(layer_band(max_seq_len, c.n_layers, c.global_ratio, layer))] = 1.0
-        self.register_buffer("band", band, persistent=False)  # I_l as a 0/1 mask (F,)
-        self.filter_time = c.band_limit_time and bool(band.sum() < n_bins)  # J_l != all bins
+        mask = torch.zeros(n_bins)
+        mask[band.start : band.stop] = 1.0
+        self.register_buffer("band", mask, persistent=False)  # I_l as a 0/1 mask (F,)
+        self.register_buffer("circulant", circulant_index(max_seq_len), persistent=False)
+        self.filter_time = filter_time and len(band) < n_bins  # J_l = all bins: no filtering
 
     def delays(self, corr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """corr (B, L) -> delays (B, k) long and their softmax weights (B, k) (§3.3 step 6)."""
         if self.training and not self.per_sample_train:
-            idx = corr.mean(dim=0).topk(self.k).indices  # (k,) shared by the batch
-            idx = idx.expand(corr.shape[0], -1)
+            idx = corr.mean(dim=0).topk(self.k).indices.expand(corr.shape[0], -1)  # (B, k)
             return idx, corr.gather(1, idx).softmax(dim=-1)
-        values, idx = corr.topk(self.k, dim=-1)
-        return idx, values.softmax(dim=-1)
+        top, idx = corr.topk(self.k, dim=-1)
+        return idx, top.softmax(dim=-1)
 
-    @staticmethod
-    def aggregate(values: torch.Tensor, delay: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """A[b, t] = Σ_i w[b, i] · values[b, (t + τ_i) mod L]  (§3.3 step 7), one scatter + bmm.
-
-        Args:
-            values: (B, L, D); delay, weight: (B, k).
-        """
-        B, L, _ = values.shape
-        t = torch.arange(L, device=values.device)
-        src = (t[None, :, None] + delay[:, None, :]) % L  # (B, L, k): position read by t
-        mix = values.new_zeros(B, L, L)
-        mix.scatter_add_(2, src, weight[:, None, :].expand(B, L, -1).to(values.dtype))
-        return torch.bmm(mix, values)  # (B, L, D)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, L, D), mask additive (B, 1, L, L) (Branch B only) -> (B, L, D)."""
         B, L, D = x.shape
-        q, k, v = self.query_layer(x), self.key_layer(x), self.value_layer(x)
+        q, k, v = self.query_layer(x), self.key_layer(x), self.value_layer(x)  # (B, L, D) each
         with torch.autocast(x.device.type, enabled=False):
-            qf = torch.fft.rfft(q.float(), dim=1)  # (B, F, D)
-            kf = torch.fft.rfft(k.float(), dim=1)
-            cross = (qf * kf.conj()).mean(dim=-1) * self.band  # (B, F): mean over heads, channels
-            corr = torch.fft.irfft(cross, n=L, dim=1)  # (B, L) auto-correlation per lag
-            delay, weight = self.delays(corr)
-            ctx = self.aggregate(v.float(), delay, weight)  # (B, L, D)
-            if self.dual:
-                ctx = (1 - self.gamma) * ctx + self.gamma * self.time_branch(qf, kf, q, k, v, mask)
+            q, k, v = at_least_float32(q), at_least_float32(k), at_least_float32(v)
+            qf = torch.fft.rfft(q, dim=1)  # (B, F, D), reused by Branch B
+            kf = torch.fft.rfft(k, dim=1)
+            ctx = 0.0
+            if self.gamma < 1.0:  # Branch A, §3.3
+                cross = (qf * kf.conj()).mean(dim=-1) * self.band  # (B, F): heads, channels
+                corr = torch.fft.irfft(cross, n=L, dim=1)  # (B, L): correlation per lag τ
+                delay, weight = self.delays(corr)
+                ctx = (1.0 - self.gamma) * aggregate_delays(v, delay, weight, self.circulant)
+            if self.gamma > 0.0:  # Branch B, §3.4
+                ctx = ctx + self.gamma * self.time_branch(qf, kf, q, k, v, mask)
         return self.LayerNorm(x + self.out_dropout(self.dense(ctx.to(x.dtype))))
 
-    def time_branch(self, qf, kf, q, k, v, mask) -> torch.Tensor:
-        """Branch B (§3.4): attention on band-filtered q/k/v, in float32."""
+    def time_branch(
+        self,
+        qf: torch.Tensor,
+        kf: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Branch B (§3.4): attention on band-filtered q/k/v (B, L, D), in float32."""
         B, L, D = q.shape
         if self.filter_time:
-            band = self.band[None, :, None]
-            q = torch.fft.irfft(qf * band, n=L, dim=1)
+            band = self.band[:, None]  # (F, 1)
+            q = torch.fft.irfft(qf * band, n=L, dim=1)  # n=L: odd L works (§10.5)
             k = torch.fft.irfft(kf * band, n=L, dim=1)
-            v = torch.fft.irfft(torch.fft.rfft(v.float(), dim=1) * band, n=L, dim=1)
+            v = torch.fft.irfft(torch.fft.rfft(v, dim=1) * band, n=L, dim=1)
         qh, kh, vh = (
-            t.float().view(B, L, self.n_heads, self.head_size).transpose(1, 2) for t in (q, k, v)
+            t.reshape(B, L, self.n_heads, self.head_size).transpose(1, 2) for t in (q, k, v)
         )  # (B, H, L, E)
-        scores = qh @ kh.transpose(-1, -2) / math.sqrt(self.head_size) + mask
-        probs = dropout(scores.softmax(dim=-1), self.attn_dropout, self.training)
-        return (probs @ vh).transpose(1, 2).reshape(B, L, D)
+        ctx = attend(qh, kh, vh, mask, self.attn_dropout, self.training)  # (B, H, L, E)
+        return ctx.transpose(1, 2).reshape(B, L, D)
 
 
 class FEABlock(nn.Module):
-    def __init__(self, c: FEARecConfig, max_seq_len: int, layer: int) -> None:
-        super().__init__()
-        self.hybrid_attention = HybridAttention(c, max_seq_len, layer)
-        self.feed_forward = FeedForward(
-            c.hidden_size, c.inner_size, c.hidden_dropout, c.layer_norm_eps
-        )
+    """HybridAttention then the feed-forward (spec §2)."""
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def __init__(self, attention: HybridAttention, feed_forward: FeedForward) -> None:
+        super().__init__()
+        self.hybrid_attention = attention
+        self.feed_forward = feed_forward
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self.feed_forward(self.hybrid_attention(x, mask))
 
 
 class FEAEncoder(nn.Module):
+    """n FEA blocks, layer l with its own band (spec §2, §3.2). RecBole also keeps an alias
+    ``layer_ramp`` of the last block (duplicate state-dict keys, §10.12); we do not."""
+
     def __init__(self, c: FEARecConfig, max_seq_len: int) -> None:
         super().__init__()
-        self.layer = nn.ModuleList(FEABlock(c, max_seq_len, i) for i in range(c.n_layers))
+        if c.n_layers == 1:
+            log.info("FEARec with one layer: slide = 0 (the reference divides by zero, §10.4)")
+        k = topk_count(c.topk_factor, max_seq_len)
+        self.layer = nn.ModuleList(
+            FEABlock(
+                HybridAttention(
+                    c.hidden_size,
+                    c.n_heads,
+                    c.hidden_dropout,
+                    c.attn_dropout,
+                    c.layer_norm_eps,
+                    max_seq_len,
+                    layer_band(max_seq_len, c.n_layers, c.global_ratio, i),
+                    k,
+                    c.dual_domain,
+                    c.band_limit_time,
+                    c.spatial_ratio,
+                    c.per_sample_delays_in_training,
+                ),
+                FeedForward(c.hidden_size, c.inner_size, c.hidden_dropout, c.layer_norm_eps),
+            )
+            for i in range(c.n_layers)
+        )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         for block in self.layer:
             x = block(x, mask)
         return x
 
 
 class FEARec(SequentialBase):
-    """Example::
+    """FEARec over ``n_items`` real items (item table has n_items + 1 rows, row 0 = padding).
 
-    model = FEARec(FEARecConfig(contrast="us_x", global_ratio=0.6), n_items=12101, max_seq_len=50)
-    seq_repr = model(item_seq, seq_len)  # (B, 64)
+    Example::
+
+        model = FEARec(FEARecConfig(global_ratio=0.6), n_items=12101, max_seq_len=50)
+        seq_repr = model(item_seq, seq_len)  # (B, 64)
+        logits = model.item_scores(seq_repr)  # (B, 12102)
     """
 
     def __init__(self, config: FEARecConfig, n_items: int, max_seq_len: int) -> None:
+        config.check_length(max_seq_len)
         c = config
-        c.check_length(max_seq_len)
         super().__init__(
             n_items + 1, max_seq_len, c.hidden_size, c.hidden_dropout, c.layer_norm_eps
         )
         self.config, self.n_items = config, n_items
         self.item_encoder = FEAEncoder(c, max_seq_len)
-        self.apply(lambda m: init_weights(m, c.initializer_range))
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        init_weights(module, self.config.initializer_range)
 
     @property
     def needs_partner(self) -> bool:
@@ -246,53 +344,71 @@ class FEARec(SequentialBase):
         return self.config.contrast in ("su", "us", "us_x")
 
     def forward(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        mask = causal_padding_mask(item_seq) if self.config.dual_domain else None
-        hidden = self.item_encoder(self.embed(item_seq), mask)
-        return gather_last(hidden, lengths)  # (B, D)
+        """item_seq (B, L) right-padded, lengths (B,) -> seq_repr (B, D) at position len - 1."""
+        uses_mask = self.config.dual_domain and self.config.spatial_ratio > 0
+        mask = causal_padding_mask(item_seq) if uses_mask else None  # Branch B only
+        hidden = self.item_encoder(self.embed(item_seq), mask)  # (B, L, D)
+        return gather_last(hidden, lengths)
 
 
-def loss_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], gather=None) -> dict:
-    """L_rec + the contrastive terms of ``contrast`` (+ the frequency regulariser), §5.3-5.5.
+# contrast -> {term: (view, view)}; "u" feeds CE, "u2" is a second dropout view of the same input,
+# "pos" the same-target partner (spec §5.1, §5.3)
+NCE_PAIRS = {
+    "none": {},
+    "un": {"nce": ("u", "u2")},
+    "su": {"nce_sem": ("u", "pos")},
+    "us": {"nce": ("u", "u2"), "nce_sem": ("u", "pos")},
+    "us_x": {"nce_sem": ("u2", "pos")},
+}
+FREQ_PAIRS = {  # fredom_type -> pairs (§5.4)
+    "un": [("u", "u2")],
+    "su": [("u", "pos")],
+    "us": [("u", "u2"), ("u", "pos")],
+    "us_x": [("u2", "pos")],
+}
 
-    Batch: ``item_seq`` (B, L), ``seq_len`` (B,), ``target`` (B,), and ``pos_seq``/``pos_len``
-    (the same-target partner) when the contrast uses it.
+
+def loss_terms(
+    model: nn.Module, batch: dict[str, torch.Tensor], gather=None
+) -> dict[str, torch.Tensor]:
+    """L = ce + lmd·nce + lmd_sem·nce_sem + 0.1·freq for the config's ``contrast`` (§5.3-5.5).
+
+    Args:
+        model: FEARec, possibly DDP-wrapped (called directly so DDP's hooks fire).
+        batch: ``item_seq`` (B, L), ``seq_len`` (B,), ``target`` (B,); ``pos_seq`` (B, L) and
+            ``pos_len`` (B,), the same-target partner, when ``needs_partner``.
+        gather: cross-worker gather for the InfoNCE candidates (see losses.py), or None.
+
+    Returns:
+        ``loss`` (the weighted total) and the unweighted terms present: ``ce``, ``nce``,
+        ``nce_sem``, ``freq``. Each is a mean over this worker's rows.
     """
     m = getattr(model, "module", model)
-    c = m.config
+    c: FEARecConfig = m.config
     seq, lens = batch["item_seq"], batch["seq_len"]
-    u = model(seq, lens)
-    ce = ce_loss(m.item_scores(u), batch["target"])
-    terms = {"ce": ce}
-    total = ce
-    views = {"u": u}
-    if c.contrast in ("un", "us", "us_x"):
-        views["u2"] = model(seq, lens)  # second dropout view of the same input
-    if c.contrast in ("su", "us", "us_x"):
+    views = {"u": model(seq, lens)}  # (B, D)
+    terms = {"ce": ce_loss(m.item_scores(views["u"]), batch["target"])}
+    pairs = NCE_PAIRS[c.contrast]
+    used = {name for pair in pairs.values() for name in pair}
+    if "u2" in used:
+        views["u2"] = model(seq, lens)  # fresh dropout masks
+    if "pos" in used:
         views["pos"] = model(batch["pos_seq"], batch["pos_len"])
-    if c.contrast != "none":
-        pairs = {
-            "un": [("u", "u2", c.lmd)],
-            "su": [("u", "pos", c.lmd_sem)],
-            "us": [("u", "u2", c.lmd), ("u", "pos", c.lmd_sem)],
-            "us_x": [("u2", "pos", c.lmd_sem)],
-        }[c.contrast]
-        nce = sum(w * info_nce(views[a], views[b], c.tau, c.sim, gather) for a, b, w in pairs)
-        terms["nce"] = nce
-        total = total + nce
-    if c.contrast == "us_x" and c.freq_reg:
-        pairs = {
-            "un": [("u", "u2")],
-            "su": [("u", "pos")],
-            "us": [("u", "u2"), ("u", "pos")],
-            "us_x": [("u2", "pos")],
-        }[c.freq_reg_pairs]
-        freq = sum(FREQ_REG_WEIGHT * freq_distance(views[a], views[b]) for a, b in pairs)
-        terms["freq"] = freq
-        total = total + freq
-    return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
+    if pairs:
+        cands = Candidates({name: views[name] for name in sorted(used)}, c.sim, gather)
+        for term, (a, b) in pairs.items():
+            terms[term] = cands.info_nce(a, b, c.tau)
+    if c.contrast == "us_x" and c.freq_reg:  # the reference evaluates it in this branch only
+        terms["freq"] = sum(
+            freq_distance(views[a], views[b]) for a, b in FREQ_PAIRS[c.freq_reg_pairs]
+        )
+    weights = {"ce": 1.0, "nce": c.lmd, "nce_sem": c.lmd_sem, "freq": FREQ_REG_WEIGHT}
+    total = sum(weights[name] * value for name, value in terms.items())
+    return {"loss": total, **terms}
 
 
-def full_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def full_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, V) logits against the tied item table; column 0 (padding) is left to the caller."""
     m = getattr(model, "module", model)
     return m.item_scores(m(batch["item_seq"], batch["seq_len"]))
 
@@ -318,4 +434,5 @@ PRESETS = {
         "inner_size": 256,
     },
 }
+# the paper presents the frequency regulariser as part of FEARec (spec §7)
 PRESETS["fearec_paper"] = PRESETS["fearec_official"] | {"freq_reg": True, "freq_reg_pairs": "us_x"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from fearec_dist.config import ConfigError
 from fearec_dist.models.layers import (
@@ -48,7 +49,9 @@ class SASRecConfig:
 
 
 class SASRec(SequentialBase):
-    """Example::
+    """SASRec over ``n_items`` real items (item table has n_items + 1 rows, row 0 = padding).
+
+    Example::
 
     model = SASRec(SASRecConfig(), n_items=1682, max_seq_len=50)
     seq_repr = model(item_seq, seq_len)  # (B, 64)
@@ -69,19 +72,35 @@ class SASRec(SequentialBase):
             c.attn_dropout,
             c.layer_norm_eps,
         )
-        self.apply(lambda m: init_weights(m, c.initializer_range))
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        init_weights(module, self.config.initializer_range)
 
     def forward(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """item_seq (B, L) right-padded, lengths (B,) -> seq_repr (B, D) at position len - 1."""
         hidden = self.trm_encoder(self.embed(item_seq), causal_padding_mask(item_seq))
         return gather_last(hidden, lengths)  # (B, D)
 
 
-def loss_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], gather=None) -> dict:
-    seq_repr = model(batch["item_seq"], batch["seq_len"])
+def loss_terms(
+    model: nn.Module, batch: dict[str, torch.Tensor], gather=None
+) -> dict[str, torch.Tensor]:
+    """Full-softmax CE (baselines.md). ``gather`` is unused (no contrastive term).
+
+    Args:
+        model: SASRec, possibly DDP-wrapped. batch: ``item_seq`` (B, L), ``seq_len`` (B,),
+            ``target`` (B,).
+
+    Returns:
+        ``{"loss": ce, "ce": ce}``, the mean over this worker's rows.
+    """
+    seq_repr = model(batch["item_seq"], batch["seq_len"])  # (B, D)
     ce = ce_loss(getattr(model, "module", model).item_scores(seq_repr), batch["target"])
-    return {"loss": ce, "ce": ce.detach()}
+    return {"loss": ce, "ce": ce}
 
 
-def full_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def full_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, V) logits against the tied item table; column 0 (padding) is left to the caller."""
     m = getattr(model, "module", model)
     return m.item_scores(m(batch["item_seq"], batch["seq_len"]))
