@@ -63,7 +63,8 @@ def test_parquet(tmp_path):
         ("user_id,item_id,timestamp\nu,i,yesterday\n", r"log\.csv: row 1, column 'timestamp'"),
         ("user_id,item_id,timestamp\nu,i,1\nu,i,-5\n", r"row 2.*negative timestamp"),
         ("user_id,item_id,timestamp\nu,,1\n", r"row 1, column 'item_id': empty or missing item"),
-        ("user_id,item_id,timestamp\nu,NaN,1\n", r"row 1, column 'item_id': item id is NaN"),
+        # pyarrow reads "NaN" as null: either message names the row and the column
+        ("user_id,item_id,timestamp\nu,NaN,1\n", r"row 1, column 'item_id': (empty|item id is)"),
         ("user_id,item_id,timestamp\n,i,1\n", r"row 1, column 'user_id'"),
         ("user_id,item_id,timestamp\nu,i,\n", r"row 1, column 'timestamp': missing timestamp"),
         ("user_id,item_id,timestamp\nu,i,1,9\n", r"log\.csv: .*columns"),
@@ -79,5 +80,5 @@ def test_bad_atomic_header_and_seqtxt_line():
         read_any(b"user_id\titem_id\n1\t2\n", "x.inter", "atomic", 0, None)
     with pytest.raises(DataError, match=r"B\.txt: line 2: user '2' has no items"):
         read_any(b"1 5 6\n2\n", "B.txt", "seqtxt", 0, None)
-    with pytest.raises(DataError, match="unknown field"):
-        parse_columns("usr=a")
+    with pytest.raises(DataError, match="unknown field 'usr'"):
+        read_any(b"a,item_id,timestamp\nu,i,1\n", "log.csv", "csv", 0, parse_columns("usr=a"))
