@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,6 +119,29 @@ _S3_ENV = (
     "AWS_DEFAULT_REGION",
     "AWS_ENDPOINT_URL",
 )
+
+
+@dataclass
+class SyntheticLog:
+    path: Path  # a directory of Parquet files (user_id, item_id, timestamp)
+    table: Any  # the same rows as one pyarrow Table, in file order
+    n_files: int
+
+
+@pytest.fixture(scope="session")
+def synthetic_log(tmp_path_factory) -> SyntheticLog:
+    """A small multi-file synthetic log (150 users, 40 items, ~5k rows, 3 Parquet files, users
+    spread over all files), written once per session. Treat it as read-only."""
+    import pyarrow.parquet as pq
+
+    from fearec_dist.data.synthetic import generate_log
+
+    table = generate_log(150, 40, seed=3)
+    path = tmp_path_factory.mktemp("synthetic_log")
+    per = -(-table.num_rows // 3)
+    for i in range(3):
+        pq.write_table(table.slice(i * per, per), path / f"part-{i}.parquet")
+    return SyntheticLog(path, table, 3)
 
 
 def shared_dataset(*parts: str) -> Path:

@@ -2,7 +2,8 @@
 
 Written as ``attributes.parquet`` (``item``: our item id, ``attrs``: list of attribute ids
 1..n_attributes; 0 is padding) beside the sequences. Attribute tokens are numbered in sorted
-order. Items of the file that are not in the interaction vocabulary are counted, not kept.
+order, counting only the attributes of items that are in the interaction vocabulary; items of
+the file outside that vocabulary are counted in meta.json, not kept.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def write_attributes(
 ) -> dict[str, Any]:
     """Writes ``<out>/attributes.parquet``; returns the meta.json entries."""
     tokens = read_attribute_tokens(uri, storage)
-    vocab = {t: i + 1 for i, t in enumerate(sorted({t for ts in tokens.values() for t in ts}))}
     index = {raw: i + 1 for i, raw in enumerate(item_raw)}
+    kept = {t for raw, ts in tokens.items() if raw in index for t in ts}  # ids stay contiguous
+    vocab = {t: i + 1 for i, t in enumerate(sorted(kept))}
     items, lists = [], []
     for raw, ts in tokens.items():
         if raw in index:
@@ -81,9 +83,7 @@ def write_attributes(
     }
 
 
-def read_attribute_table(
-    prepared_uri: str, storage: StorageSection | None, n_items: int
-) -> Any:
+def read_attribute_table(prepared_uri: str, storage: StorageSection | None, n_items: int) -> Any:
     """``attributes.parquet`` -> a dense (n_items + 1, max attrs) long tensor (0 = padding), or
     None when the prepared dataset has no attributes."""
     import torch

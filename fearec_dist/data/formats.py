@@ -43,44 +43,60 @@ def _first_bad(mask: np.ndarray) -> int:
 
 
 def _ids(table: pa.Table, col: str, path: str, what: str) -> pa.Array:
+    """The id column as strings; null, blank or NaN ids are errors naming the first bad row."""
     arr = table.column(col).combine_chunks().cast(pa.string())
-    bad = pc.or_kleene(pc.is_null(arr), pc.equal(pc.utf8_trim_whitespace(arr), ""))
+    trimmed = pc.utf8_trim_whitespace(arr)
+    bad = pc.or_kleene(pc.equal(trimmed, ""), pc.equal(pc.utf8_lower(trimmed), "nan"))
     bad = pc.fill_null(bad, True).to_numpy(zero_copy_only=False)
     if bad.any():
         row = _first_bad(bad)
-        raise DataError(f"{path}: row {row + 1}, column {col!r}: empty or missing {what} id")
-    if what != "user":
-        lowered = pc.utf8_lower(arr)
-        nan = pc.equal(lowered, "nan").to_numpy(zero_copy_only=False)
-        if nan.any():
-            raise DataError(f"{path}: row {_first_bad(nan) + 1}, column {col!r}: {what} id is NaN")
+        raise DataError(
+            f"{path}: row {row + 1}, column {col!r}: empty, missing or NaN {what} id"
+            f" ({arr[row].as_py()!r})"
+        )
     return arr
 
 
+# Parsers tried in order on a string timestamp column: epoch numbers, then ISO-8601 without and
+# with a zone (pyarrow parses each vectorised; a column that mixes them falls back to per row).
+_STRING_TIME_TYPES = (pa.float64(), pa.timestamp("ns"), pa.timestamp("ns", tz="UTC"))
+
+
+def _parse_time_strings(arr: pa.Array) -> np.ndarray | None:
+    """Seconds as float64, or None when no single parser reads every non-null value."""
+    for tp in _STRING_TIME_TYPES:
+        try:
+            parsed = pc.cast(arr, tp)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+        if pa.types.is_timestamp(tp):
+            parsed = pc.divide(pc.cast(pc.cast(parsed, pa.int64()), pa.float64()), 1e9)
+        return parsed.to_numpy(zero_copy_only=False).astype(np.float64)
+    return None
+
+
 def _timestamps(table: pa.Table, col: str, path: str) -> np.ndarray:
+    """The time column as float64 seconds (or the input's own unit); validated."""
     arr = table.column(col).combine_chunks()
     if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
         arr = pc.cast(pc.cast(arr, pa.timestamp("s")), pa.int64())
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-        values = arr.to_pylist()
-        out = np.empty(len(values))
-        for i, v in enumerate(values):
-            try:
-                out[i] = float(v)
-            except (TypeError, ValueError):
-                try:
-                    out[i] = np.datetime64(v, "s").astype(np.int64)
-                except (TypeError, ValueError):
+        out = _parse_time_strings(arr)
+        if out is None:  # mixed styles or a bad value: parse row by row, naming the first bad one
+            out = np.empty(len(arr))
+            for i, value in enumerate(arr):
+                one = _parse_time_strings(pa.array([value.as_py()], pa.string()))
+                if one is None:
                     raise DataError(
-                        f"{path}: row {i + 1}, column {col!r}: cannot parse timestamp {v!r}"
-                    ) from None
+                        f"{path}: row {i + 1}, column {col!r}: cannot parse timestamp "
+                        f"{value.as_py()!r}"
+                    )
+                out[i] = one[0]
     else:
-        try:
-            out = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            raise DataError(
-                f"{path}: column {col!r} of type {arr.type} is not a timestamp"
-            ) from None
+        numeric = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal, pa.types.is_null)
+        if not any(is_type(arr.type) for is_type in numeric):
+            raise DataError(f"{path}: column {col!r} of type {arr.type} is not a timestamp")
+        out = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
     bad = ~np.isfinite(out)
     if bad.any():
         raise DataError(f"{path}: row {_first_bad(bad) + 1}, column {col!r}: missing timestamp")
@@ -145,18 +161,20 @@ def read_atomic_file(data: bytes, path: str) -> tuple[pa.Table, dict[str, str]]:
     if not all(":" in f for f in fields):
         raise DataError(f"{path}: header must be tab-separated name:type fields, got {text_head!r}")
     names = [f.split(":", 1)[0] for f in fields]
+    types = [f.split(":", 1)[1] for f in fields]
     try:
         table = pacsv.read_csv(
             io.BytesIO(data),
             read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
             parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
             convert_options=pacsv.ConvertOptions(
-                column_types={n: pa.string() for n in names[:2]}, strings_can_be_null=True
+                column_types={n: pa.string() for n, t in zip(names, types) if "token" in t},
+                strings_can_be_null=True,
             ),
         )
     except pa.ArrowInvalid as err:
         raise DataError(f"{path}: {err}") from None
-    return table, {n: f.split(":", 1)[1] for n, f in zip(names, fields)}
+    return table, dict(zip(names, types))
 
 
 def read_seqtxt_file(data: bytes, path: str, file_index: int) -> pa.Table:

@@ -6,7 +6,7 @@
 Output layout (DESIGN.md)::
 
     <out>/sequences/*.parquet   user:int32, items:list<int32> (time-ordered),
-                                timestamps:list<double>
+                                timestamps:list<int64> (input unit truncated; seqtxt: position)
     <out>/vocab/items.parquet   id:int32 (1..n_items, 0 = padding), raw:string, count:int64
     <out>/vocab/users.parquet   id:int32 (1..n_users), raw:string
     <out>/attributes.parquet    item:int32, attrs:list<int32> (1..n_attributes), when given
@@ -16,8 +16,12 @@ Ids: raw ids sorted (numerically when every raw id is an integer, else as string
 from 1, so the numbering does not depend on file order or parallelism (Beauty keeps its ids).
 No step collects the interaction table into one process: the driver holds only the vocabularies
 and per-id counts. Filters (k-core on users/items, rating threshold) are off by default; what
-they remove is counted in ``meta.json['dropped']`` and printed. On failure the partial output is
-deleted and no ``meta.json`` is written.
+they remove is counted in ``meta.json['dropped']`` and printed.
+
+Commit protocol: everything else is written first and ``meta.json`` last, so a dataset without
+``meta.json`` is incomplete (readers check for it). On failure the partial output is deleted. An
+existing output is replaced only when it holds nothing but a prepared layout (and its
+``examples/`` cache); anything else there is an error, never a silent deletion.
 """
 
 from __future__ import annotations
@@ -31,11 +35,22 @@ import pyarrow.compute as pc
 
 from fearec_dist.config import DataSection, StorageSection
 from fearec_dist.data import attributes as attrs_mod
+from fearec_dist.data import stages
 from fearec_dist.data.errors import DataError
-from fearec_dist.data.formats import read_any
-from fearec_dist.data.sources import delete_dir, list_files, read_bytes, write_json
+from fearec_dist.data.sources import (
+    delete_dir,
+    list_children,
+    list_files,
+    redact,
+    resolve,
+    write_json,
+)
 
 FORMAT_VERSION = 1
+ROWS_PER_PARTITION = 200_000  # interactions per hash partition of the per-user grouping step
+MAX_PARTITIONS = 1024
+LAYOUT = {"sequences", "vocab", "attributes.parquet", "meta.json", "examples"}
+FIELDS = ("user", "item", "time", "rating")
 SUFFIXES = {
     "parquet": (".parquet", ".pq"),
     "csv": (".csv", ".csv.gz", ".tsv"),
@@ -45,102 +60,26 @@ SUFFIXES = {
 
 
 def parse_columns(text: str) -> dict[str, str]:
-    """``"user=uid,item=iid,time=ts"`` -> ``{"user": "uid", ...}``."""
+    """Parses the CLI's column mapping.
+
+    Args:
+        text: ``"user=uid,item=iid,time=ts[,rating=r]"``.
+
+    Returns:
+        ``{"user": "uid", "item": "iid", "time": "ts"}`` (only the fields given).
+
+    Raises:
+        DataError: a part without ``=`` or an unknown field.
+    """
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = part.partition("=")
+        key, sep, value = (x.strip() for x in part.partition("="))
         if not sep or not value:
             raise DataError(f"--columns: expected field=column, got {part!r}")
-        out[key.strip()] = value.strip()
+        if key not in FIELDS:
+            raise DataError(f"--columns: unknown field {key!r}; use {', '.join(FIELDS)}")
+        out[key] = value
     return out
-
-
-class _ReadFile:
-    """Ray Data UDF: one input file -> standard rows (validated)."""
-
-    def __init__(self, fmt: str, columns: dict[str, str], storage: dict) -> None:
-        self.fmt, self.columns, self.storage = fmt, columns, StorageSection(**storage)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        path, index = str(batch["path"][0]), int(batch["index"][0])
-        table, ignored = read_any(
-            read_bytes(path, self.storage), path, self.fmt, index, self.columns
-        )
-        return table.append_column("ignored", pa.array([",".join(ignored)] * table.num_rows))
-
-
-def _value_counts(ds: Any, column: str) -> dict[str, int]:
-    """Counts per distinct value, combined in the driver (vocabulary-sized state only)."""
-
-    def count(batch: pa.Table) -> pa.Table:
-        vc = pc.value_counts(batch.column(column))
-        return pa.table({"value": vc.field("values"), "n": vc.field("counts")})
-
-    totals: dict[str, int] = {}
-    for part in ds.map_batches(count, batch_format="pyarrow", batch_size=None).iter_batches(
-        batch_size=None, batch_format="pyarrow"
-    ):
-        for v, n in zip(part.column("value").to_pylist(), part.column("n").to_pylist()):
-            totals[v] = totals.get(v, 0) + n
-    return totals
-
-
-def _sorted_vocab(raw: list[str]) -> list[str]:
-    try:
-        return sorted(raw, key=int)
-    except ValueError:
-        return sorted(raw)
-
-
-def _filter_rows(ds: Any, fn: Any) -> Any:
-    return ds.map_batches(fn, batch_format="pyarrow", batch_size=None)
-
-
-def _k_core(
-    ds: Any, min_user: int, min_item: int, dropped: dict[str, int]
-) -> tuple[Any, dict[str, int], dict[str, int]]:
-    """Iterated k-core on users and items (until stable); counts what each pass removes."""
-    users, items = _value_counts(ds, "user"), _value_counts(ds, "item")
-    while True:
-        bad_u = {u for u, n in users.items() if n < min_user}
-        bad_i = {i for i, n in items.items() if n < min_item}
-        if not bad_u and not bad_i:
-            return ds, users, items
-        drop_u, drop_i = pa.array(sorted(bad_u), pa.string()), pa.array(sorted(bad_i), pa.string())
-        before = sum(users.values())
-
-        def keep(batch: pa.Table, du=drop_u, di=drop_i) -> pa.Table:
-            mask = pc.invert(pc.or_(pc.is_in(batch["user"], du), pc.is_in(batch["item"], di)))
-            return batch.filter(mask)
-
-        ds = _filter_rows(ds, keep).materialize()
-        users, items = _value_counts(ds, "user"), _value_counts(ds, "item")
-        removed = before - sum(users.values())
-        key = "user_min_inter" if bad_u else "item_min_inter"
-        dropped[key] = dropped.get(key, 0) + removed
-
-
-class _BuildSequences:
-    """Ray Data UDF on a hash partition by user: ids -> per-user sorted sequences (numpy)."""
-
-    def __init__(self, user_vocab: pa.Array, item_vocab: pa.Array) -> None:
-        self.user_vocab, self.item_vocab = user_vocab, item_vocab
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        user = pc.index_in(batch["user"], value_set=self.user_vocab).to_numpy() + 1
-        item = pc.index_in(batch["item"], value_set=self.item_vocab).to_numpy() + 1
-        t = batch["time"].to_numpy()
-        order = np.lexsort((batch["order"].to_numpy(), t, user))  # user, then time, then input
-        user, item, t = user[order], item[order], t[order]
-        starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if len(user) else []
-        offsets = np.r_[starts, len(user)].astype(np.int32)
-        return pa.table(
-            {
-                "user": pa.array(user[starts].astype(np.int32)),
-                "items": pa.ListArray.from_arrays(pa.array(offsets), pa.array(item, pa.int32())),
-                "timestamps": pa.ListArray.from_arrays(pa.array(offsets), pa.array(t)),
-            }
-        )
 
 
 def prepare_dataset(
@@ -154,16 +93,23 @@ def prepare_dataset(
 ) -> dict[str, Any]:
     """Runs the prepare job and returns the written ``meta.json`` content.
 
+    Needs a running Ray instance (or starts a default one, as any Ray Data call does).
+
     Args:
-        input_uri: file, directory, glob or URI (ignored for ``fmt="synthetic"``).
+        input_uri: file, directory, glob or URI (ignored for ``fmt="synthetic"``, which writes
+            its generated log to ``<output_uri>.raw`` and prepares that).
         fmt: ``parquet``, ``csv``, ``atomic``, ``seqtxt`` or ``synthetic``.
         output_uri: where the prepared dataset goes.
         data: filters, column mapping and storage options (defaults: none).
         attributes_uri: item attributes (RecBole ``.item`` or ``item2attributes.json``).
         progress: show Ray Data's progress bars.
 
+    Returns:
+        The meta dict: ``n_users``, ``n_items``, ``n_interactions``, ``dropped``, ``sources``, …
+
     Raises:
-        DataError: bad or unreachable input, naming the file and row or column.
+        DataError: bad or unreachable input, naming the file and row or column; or an output
+            location that holds something other than a prepared dataset.
     """
     import ray.data
 
@@ -176,6 +122,7 @@ def prepare_dataset(
         from fearec_dist.data.synthetic import write_synthetic
 
         input_uri = f"{out}.raw"
+        delete_dir(input_uri, storage)
         write_synthetic(
             input_uri,
             storage=storage,
@@ -187,7 +134,7 @@ def prepare_dataset(
     if fmt not in SUFFIXES:
         raise DataError(f"--format {fmt!r}: expected one of {', '.join(SUFFIXES)} or synthetic")
     files = list_files(input_uri, storage, SUFFIXES[fmt])
-    delete_dir(out, storage)
+    _clear_output(out, storage)
     try:
         meta = _run(files, fmt, out, data, storage, attributes_uri, input_uri)
     except BaseException as err:
@@ -198,47 +145,68 @@ def prepare_dataset(
     return meta
 
 
-def _run(files, fmt, out, data, storage, attributes_uri, input_uri) -> dict[str, Any]:
-    import ray.data
+def _clear_output(out: str, storage: StorageSection) -> None:
+    """Removes a previous prepared dataset at ``out``; refuses to touch anything else."""
+    children = list_children(out, storage)
+    foreign = sorted(set(children) - LAYOUT)
+    if foreign:
+        raise DataError(
+            f"--output {redact(out)} already holds {', '.join(foreign[:5])}"
+            f"{' …' if len(foreign) > 5 else ''}, which is not a prepared dataset; "
+            "choose a new or empty location"
+        )
+    if children:
+        delete_dir(out, storage)
 
-    listing = ray.data.from_items(
-        [{"path": f, "index": i} for i, f in enumerate(files)], override_num_blocks=len(files)
-    )
-    reader = _ReadFile(fmt, data.columns, storage.__dict__)
-    rows = listing.map_batches(reader, batch_size=1, batch_format="numpy").materialize()
+
+def _run(
+    files: list[str],
+    fmt: str,
+    out: str,
+    data: DataSection,
+    storage: StorageSection,
+    attributes_uri: str | None,
+    input_uri: str,
+) -> dict[str, Any]:
+    """read -> validate -> [filters] -> vocab -> per-user sequences -> write; returns meta."""
+    rows = stages.read_rows(files, fmt, data, storage)
     n_read = rows.count()
     if n_read == 0:
-        raise DataError(f"{input_uri}: the input has no interactions")
-    ignored = sorted({c for v in rows.unique("ignored") for c in v.split(",") if c})
+        raise DataError(f"{redact(input_uri)}: the input has no interactions")
+    ignored = stages.ignored_columns(rows)
     rows = rows.drop_columns(["ignored"])
     dropped: dict[str, int] = {}
     if data.rating_threshold is not None:
         if "rating" not in rows.schema().names:
-            raise DataError(f"data.rating_threshold is set but {input_uri} has no rating column")
+            raise DataError(
+                f"data.rating_threshold is set but {redact(input_uri)} has no rating column"
+            )
         thr = data.rating_threshold
-        rows = _filter_rows(rows, lambda b: b.filter(pc.greater_equal(b["rating"], thr)))
+        rows = stages.filter_rows(rows, lambda b: b.filter(pc.greater_equal(b["rating"], thr)))
         rows = rows.materialize()
         dropped["rating_below_threshold"] = n_read - rows.count()
     if data.min_user_inter > 1 or data.min_item_inter > 1:
-        rows, users, items = _k_core(rows, data.min_user_inter, data.min_item_inter, dropped)
+        rows, users, items = stages.k_core(rows, data.min_user_inter, data.min_item_inter, dropped)
     else:
-        users, items = _value_counts(rows, "user"), _value_counts(rows, "item")
+        users, items = stages.value_counts(rows)
     if not users:
-        raise DataError(f"{input_uri}: no interactions left after filtering ({dropped})")
-    user_raw, item_raw = _sorted_vocab(list(users)), _sorted_vocab(list(items))
+        raise DataError(f"{redact(input_uri)}: no interactions left after filtering ({dropped})")
+    user_raw, item_raw = stages.sorted_vocab(list(users)), stages.sorted_vocab(list(items))
     user_vocab, item_vocab = pa.array(user_raw, pa.string()), pa.array(item_raw, pa.string())
-    n_blocks = max(1, min(64, sum(users.values()) // 200_000 + 1))
-    seqs = rows.repartition(n_blocks, keys=["user"]).map_batches(
-        _BuildSequences(user_vocab, item_vocab), batch_format="pyarrow", batch_size=None
+    n_inter = int(sum(users.values()))
+    n_parts = max(1, min(MAX_PARTITIONS, -(-n_inter // ROWS_PER_PARTITION)))
+    # Hash-partition by user (each partition arrives whole at one task), then sort and cut each
+    # partition into per-user lists with numpy; far faster than groupby().map_groups().
+    seqs = rows.repartition(n_parts, keys=["user"]).map_batches(
+        stages.BuildSequences(user_vocab, item_vocab), batch_format="pyarrow", batch_size=None
     )
-    from fearec_dist.data.sources import resolve
-
     fs, root = resolve(out, storage)
     seqs.write_parquet(f"{root}/sequences", filesystem=fs)
+    stages.check_one_row_per_user(fs, f"{root}/sequences", len(user_raw))
     _write_vocab(out, "items", item_raw, [items[i] for i in item_raw], storage)
     _write_vocab(out, "users", user_raw, None, storage)
-    n_inter = int(sum(users.values()))
     lengths = np.array([users[u] for u in user_raw])
+    counts = np.array([items[i] for i in item_raw])
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "n_users": len(user_raw),
@@ -247,28 +215,32 @@ def _run(files, fmt, out, data, storage, attributes_uri, input_uri) -> dict[str,
         "n_read": int(n_read),
         "dropped": dropped,
         "ignored_columns": ignored,
-        "sequence_length": {
-            "min": int(lengths.min()),
-            "mean": round(float(lengths.mean()), 2),
-            "max": int(lengths.max()),
-        },
-        "sources": {"input": input_uri, "format": fmt, "files": len(files)},
+        "sequence_length": _summary(lengths),
+        "item_interactions": _summary(counts),
+        "sources": {"input": redact(input_uri), "format": fmt, "files": len(files)},
         "filters": {
             "min_user_inter": data.min_user_inter,
             "min_item_inter": data.min_item_inter,
             "rating_threshold": data.rating_threshold,
         },
+        "id_order": "sorted raw ids (numeric when all are integers)",
     }
     if attributes_uri:
         meta |= attrs_mod.write_attributes(attributes_uri, item_raw, out, storage)
-        meta["sources"]["attributes"] = attributes_uri
+        meta["sources"]["attributes"] = redact(attributes_uri)
     return meta
+
+
+def _summary(values: np.ndarray) -> dict[str, float]:
+    return {
+        "min": int(values.min()),
+        "mean": round(float(values.mean()), 2),
+        "max": int(values.max()),
+    }
 
 
 def _write_vocab(out: str, name: str, raw: list[str], counts: list[int] | None, storage) -> None:
     import pyarrow.parquet as pq
-
-    from fearec_dist.data.sources import resolve
 
     cols = {"id": pa.array(np.arange(1, len(raw) + 1, dtype=np.int32)), "raw": pa.array(raw)}
     if counts is not None:
@@ -302,6 +274,11 @@ def format_summary(meta: dict[str, Any]) -> str:
         f"  per user      min {meta['sequence_length']['min']}, "
         f"mean {meta['sequence_length']['mean']}, max {meta['sequence_length']['max']}",
     ]
+    if "item_interactions" in meta:
+        per_item = meta["item_interactions"]
+        lines.append(
+            f"  per item      min {per_item['min']}, mean {per_item['mean']}, max {per_item['max']}"
+        )
     for reason, n in meta.get("dropped", {}).items():
         lines.append(f"  dropped       {n:>12,}  ({reason})")
     if not meta.get("dropped"):
@@ -313,5 +290,6 @@ def format_summary(meta: dict[str, Any]) -> str:
             f"  attributes    {meta['n_attributes']:>12,}  "
             f"({meta['items_with_attributes']:,} items)"
         )
+    lines.append(f"  source        {meta['sources']['input']} ({meta['sources']['format']})")
     lines.append(f"  took {meta.get('seconds', 0):.1f} s")
     return "\n".join(lines)

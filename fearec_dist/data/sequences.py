@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from fearec_dist.config import StorageSection
+from fearec_dist.data.errors import DataError
+
 Split = dict[str, np.ndarray]
 
 
@@ -81,8 +84,39 @@ def build_loo_examples(
 
 
 def sequences_to_csr(item_lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """A list of per-user arrays -> (offsets, items)."""
+    """A list of per-user arrays -> (offsets (U + 1,) int64, items)."""
     lens = np.array([len(x) for x in item_lists], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lens)])
     items = np.concatenate(item_lists) if item_lists else np.zeros(0, dtype=np.int32)
     return offsets, items
+
+
+def read_sequences(
+    prepared_uri: str, storage: StorageSection | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A prepared dataset's sequences as one in-memory CSR, ordered by user id.
+
+    For small and medium data (it reads every sequence into this process); the Ray Data jobs
+    read ``<prepared>/sequences`` in parallel instead.
+
+    Args:
+        prepared_uri: the output of ``prepare`` (local path or URI).
+        storage: object-storage options.
+
+    Returns:
+        ``(offsets (U + 1,) int64, items (I,) int32, users (U,) int32)``: user ``users[u]``'s
+        items, oldest first, are ``items[offsets[u]:offsets[u + 1]]``.
+    """
+    import pyarrow.parquet as pq
+
+    from fearec_dist.data.sources import exists, resolve
+
+    root = prepared_uri.rstrip("/")
+    if not exists(f"{root}/meta.json", storage):
+        raise DataError(f"{root}: not a prepared dataset (no meta.json)")
+    fs, path = resolve(f"{root}/sequences", storage)
+    table = pq.read_table(path, filesystem=fs, columns=["user", "items"]).sort_by("user")
+    col = table.column("items").combine_chunks()
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    items = col.values.to_numpy().astype(np.int32)[offsets[0] : offsets[-1]]
+    return offsets - offsets[0], items, table.column("user").to_numpy().astype(np.int32)

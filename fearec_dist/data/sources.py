@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from typing import Any
+from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
@@ -27,10 +28,21 @@ MAX_ATTEMPTS = 3
 
 
 def is_remote(uri: str) -> bool:
+    """True for a URI with a scheme other than ``file://`` (s3://, gs://, memory://, …)."""
     return "://" in uri and not uri.startswith("file://")
 
 
+def redact(uri: str) -> str:
+    """The URI without user info or query (where credentials could hide), for logs and meta."""
+    if not is_remote(uri):
+        return uri
+    parts = urlsplit(uri)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 def endpoint_of(storage: StorageSection | None) -> str | None:
+    """The S3 endpoint in use: the config's, else ``AWS_ENDPOINT_URL(_S3)``, else None (AWS)."""
     storage = storage or StorageSection()
     return (
         storage.endpoint_url
@@ -63,6 +75,11 @@ def resolve(uri: str, storage: StorageSection | None = None) -> tuple[pafs.FileS
     """Returns (pyarrow filesystem, path inside it) for a local path or URI."""
     if not uri:
         raise DataError("empty URI")
+    if is_remote(uri) and "@" in urlsplit(uri).netloc:
+        raise DataError(
+            f"{redact(uri)}: credentials inside a URI are not accepted; set AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY in the environment (or use an instance role)"
+        )
     if uri.startswith("s3://") or uri.startswith("s3a://"):
         return s3_filesystem(storage), uri.split("://", 1)[1].rstrip("/")
     if is_remote(uri):  # any other fsspec protocol (gcs, abfs, memory, …)
@@ -74,12 +91,44 @@ def resolve(uri: str, storage: StorageSection | None = None) -> tuple[pafs.FileS
     return pafs.LocalFileSystem(), path
 
 
+def fsspec_filesystem(uri: str, storage: StorageSection | None = None) -> tuple[Any, str]:
+    """(fsspec filesystem, path) for libraries that want fsspec (pandas, torch.save via open);
+    s3 gets the same endpoint, region, anonymity and bounded timeouts/retries as ``resolve``."""
+    import fsspec
+
+    if uri.startswith(("s3://", "s3a://")):
+        import s3fs
+
+        storage = storage or StorageSection()
+        region = (
+            storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        )
+        client_kwargs = {"region_name": region or "us-east-1"}
+        if endpoint_of(storage):
+            client_kwargs["endpoint_url"] = endpoint_of(storage)
+        fs = s3fs.S3FileSystem(
+            anon=storage.anonymous,
+            client_kwargs=client_kwargs,
+            config_kwargs={
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "read_timeout": REQUEST_TIMEOUT_S,
+                "retries": {"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+            },
+        )
+        return fs, uri.split("://", 1)[1].rstrip("/")
+    if is_remote(uri):
+        return fsspec.core.url_to_fs(uri)
+    return fsspec.filesystem("file"), os.path.abspath(uri.removeprefix("file://"))
+
+
 def _describe(uri: str, storage: StorageSection | None) -> str:
     endpoint = endpoint_of(storage)
-    return f"{uri} (endpoint {endpoint})" if endpoint and is_remote(uri) else uri
+    uri = redact(uri)
+    return f"{uri} (endpoint {redact(endpoint)})" if endpoint and is_remote(uri) else uri
 
 
 def file_info(uri: str, storage: StorageSection | None = None) -> pafs.FileInfo:
+    """pyarrow's FileInfo for ``uri`` (type NotFound when absent)."""
     fs, path = resolve(uri, storage)
     try:
         return fs.get_file_info(path)
@@ -88,7 +137,20 @@ def file_info(uri: str, storage: StorageSection | None = None) -> pafs.FileInfo:
 
 
 def exists(uri: str, storage: StorageSection | None = None) -> bool:
+    """Whether a file or directory is at ``uri`` (DataError when the store is unreachable)."""
     return file_info(uri, storage).type != pafs.FileType.NotFound
+
+
+def list_children(uri: str, storage: StorageSection | None = None) -> list[str]:
+    """Names directly under a directory ([] when it does not exist)."""
+    fs, path = resolve(uri, storage)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return []
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as err:
+        raise DataError(f"cannot reach {_describe(uri, storage)}: {err}") from None
+    return sorted(posixpath.basename(fi.path.rstrip("/")) for fi in infos)
 
 
 def list_files(
@@ -131,6 +193,12 @@ def list_files(
 
 
 def read_bytes(uri: str, storage: StorageSection | None = None) -> bytes:
+    """The whole object at ``uri``.
+
+    Raises:
+        FileNotFoundError: nothing there.
+        DataError: the store is unreachable or refuses the read (names the endpoint).
+    """
     fs, path = resolve(uri, storage)
     try:
         with fs.open_input_stream(path) as f:
@@ -143,27 +211,40 @@ def read_bytes(uri: str, storage: StorageSection | None = None) -> bytes:
         raise DataError(f"cannot read {_describe(uri, storage)}: {err}") from None
 
 
-def write_bytes(uri: str, data: bytes, storage: StorageSection | None = None) -> None:
+def open_output(uri: str, storage: StorageSection | None = None) -> IO[bytes]:
+    """A writable binary stream at ``uri`` (parent directories created); use it as a context
+    manager. On object storage the object appears when the stream is closed."""
     fs, path = resolve(uri, storage)
     try:
         parent = posixpath.dirname(path)
         if parent:
             fs.create_dir(parent, recursive=True)
-        with fs.open_output_stream(path) as f:
+        return fs.open_output_stream(path)
+    except OSError as err:
+        raise DataError(f"cannot write {_describe(uri, storage)}: {err}") from None
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageSection | None = None) -> None:
+    """Writes ``data`` as the whole object at ``uri``."""
+    try:
+        with open_output(uri, storage) as f:
             f.write(data)
     except OSError as err:
         raise DataError(f"cannot write {_describe(uri, storage)}: {err}") from None
 
 
 def read_json(uri: str, storage: StorageSection | None = None) -> Any:
+    """Parsed JSON at ``uri``."""
     return json.loads(read_bytes(uri, storage))
 
 
 def write_json(uri: str, obj: Any, storage: StorageSection | None = None) -> None:
+    """``obj`` as indented JSON at ``uri``."""
     write_bytes(uri, json.dumps(obj, indent=2, default=str).encode(), storage)
 
 
 def delete_dir(uri: str, storage: StorageSection | None = None) -> None:
+    """Removes a directory (or prefix) and everything under it; no-op when absent."""
     fs, path = resolve(uri, storage)
     try:
         if fs.get_file_info(path).type != pafs.FileType.NotFound:

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from fearec_dist.config import DataSection
+from fearec_dist.data import prepare as prepare_mod
 from fearec_dist.data.errors import DataError
 from fearec_dist.data.prepare import format_summary, prepare_dataset
+from fearec_dist.data.sequences import read_sequences
+from fearec_dist.data.sources import read_json, resolve
 from tests.conftest import shared_dataset
 
 pytestmark = pytest.mark.slow
@@ -51,8 +56,67 @@ def test_filters_are_counted(ray_session, tmp_path):
         str(tmp_path / "log.csv"), "csv", str(tmp_path / "o"), data=data, progress=False
     )
     assert meta["n_users"] == 2  # u2 (4) and u3 (5) stay
-    assert meta["dropped"] == {"user_min_inter": 2 + 3}
+    assert meta["dropped"] == {"user_min_inter": 2 + 3}  # the item filter is off: no key
     assert meta["n_interactions"] == meta["n_read"] - 5
+
+
+def test_rating_threshold_and_iterated_k_core_counts(ray_session, tmp_path):
+    # u5's only row is rated 1 -> dropped by the threshold. Pass 1 drops items c, d (1 row each),
+    # leaving u2, u3 with one row each; pass 2 drops them; then a and b keep 2 rows each: stable.
+    rows = [("u1", "a", 1, 5), ("u1", "b", 2, 5), ("u2", "a", 1, 5), ("u2", "c", 2, 5)]
+    rows += [("u3", "b", 1, 5), ("u3", "d", 2, 5), ("u4", "a", 1, 5), ("u4", "b", 2, 4)]
+    rows += [("u5", "a", 1, 1)]
+    (tmp_path / "log.csv").write_text(
+        "user_id,item_id,timestamp,rating\n" + "".join(f"{u},{i},{t},{r}\n" for u, i, t, r in rows)
+    )
+    data = DataSection(min_user_inter=2, min_item_inter=2, rating_threshold=3)
+    meta = prepare_dataset(
+        str(tmp_path / "log.csv"), "csv", str(tmp_path / "o"), data=data, progress=False
+    )
+    assert meta["dropped"] == {
+        "rating_below_threshold": 1,
+        "item_min_inter": 2,
+        "user_min_inter": 2,
+    }
+    assert (meta["n_users"], meta["n_items"], meta["n_interactions"]) == (2, 2, 4)
+    summary = format_summary(meta)
+    assert "item_min_inter" in summary and "rating_below_threshold" in summary
+
+
+def test_output_that_is_not_a_prepared_dataset_is_refused(ray_session, tmp_path):
+    _write_csv(tmp_path / "log.csv", [("u", "i", 1), ("u", "j", 2)])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"already holds notes\.txt"):
+        prepare_dataset(str(tmp_path / "log.csv"), "csv", str(out), progress=False)
+    assert (out / "notes.txt").exists()
+    (out / "notes.txt").unlink()
+    prepare_dataset(str(tmp_path / "log.csv"), "csv", str(out), progress=False)
+    _write_csv(tmp_path / "log.csv", [("u", "i", 1)])  # a previous dataset is replaced
+    meta = prepare_dataset(str(tmp_path / "log.csv"), "csv", str(out), progress=False)
+    assert meta["n_interactions"] == 1 and len(list((out / "sequences").glob("*"))) >= 1
+
+
+def test_synthetic_format_and_attributes(ray_session, tmp_path):
+    data = DataSection(synthetic_users=60, synthetic_items=30, seed=1)
+    meta = prepare_dataset("", "synthetic", str(tmp_path / "s"), data=data, progress=False)
+    assert meta["n_users"] == 60 and meta["n_items"] <= 30
+    assert meta["sequence_length"]["min"] >= 20 and meta["sources"]["format"] == "parquet"
+    # attributes: ids of items outside the interaction vocab are counted, not kept
+    _write_csv(tmp_path / "log.csv", [("u", "1", 1), ("u", "2", 2), ("u", "3", 3)])
+    attrs = tmp_path / "item2attributes.json"
+    attrs.write_text(json.dumps({"1": ["y", "x"], "2": ["y"], "99": ["z"]}))
+    meta = prepare_dataset(
+        str(tmp_path / "log.csv"),
+        "csv",
+        str(tmp_path / "a"),
+        attributes_uri=str(attrs),
+        progress=False,
+    )
+    assert meta["n_attributes"] == 2 and meta["attribute_items_not_in_vocab"] == 1
+    table = pq.read_table(tmp_path / "a/attributes.parquet").to_pydict()
+    assert table == {"item": [1, 2], "attrs": [[2, 1], [2]]}  # x = 1, y = 2
 
 
 def test_bad_input_fails_and_writes_nothing(ray_session, tmp_path):
@@ -87,35 +151,68 @@ def test_ml100k_sizes(ray_session, tmp_path):
     assert meta["n_attributes"] == 19  # genres
 
 
-def test_s3_to_s3_equals_local(ray_session, s3_server, tmp_path):
-    from fearec_dist.data.synthetic import generate_log
+def _reference(table: pa.Table) -> dict[int, list[int]]:
+    """Per-user sequences computed directly (numpy), with the documented id order."""
+    users = sorted(set(table["user_id"].to_pylist()))
+    items = sorted(set(table["item_id"].to_pylist()))
+    uid = {u: i + 1 for i, u in enumerate(users)}
+    iid = {v: i + 1 for i, v in enumerate(items)}
+    u = np.array([uid[x] for x in table["user_id"].to_pylist()])
+    it = np.array([iid[x] for x in table["item_id"].to_pylist()])
+    order = np.lexsort((np.arange(len(u)), table["timestamp"].to_numpy(), u))
+    out: dict[int, list[int]] = {}
+    for user, item in zip(u[order], it[order]):
+        out.setdefault(int(user), []).append(int(item))
+    return out
 
-    table = generate_log(150, 40, seed=3)
-    local = tmp_path / "log"
-    local.mkdir()
-    for i in range(3):  # a multi-file dataset
-        pq.write_table(table.slice(i * 2000, 2000), local / f"part-{i}.parquet")
+
+def test_grouping_over_many_partitions_matches_reference(
+    ray_session, synthetic_log, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(prepare_mod, "ROWS_PER_PARTITION", 500)  # ~10 hash partitions
+    out = tmp_path / "out"
+    meta = prepare_dataset(str(synthetic_log.path), "parquet", str(out), progress=False)
+    assert meta["sources"]["files"] == synthetic_log.n_files
+    assert _sequences(out) == _reference(synthetic_log.table)
+    schema = pq.read_schema(next((out / "sequences").glob("*.parquet")))
+    assert str(schema.field("timestamps").type) == "list<element: int64>"
+    offsets, items, users = read_sequences(str(out))
+    assert users.tolist() == list(range(1, meta["n_users"] + 1))
+    assert items[offsets[0] : offsets[1]].tolist() == _sequences(out)[1]
+
+
+def test_s3_to_s3_equals_local(ray_session, s3_server, synthetic_log, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_mod, "ROWS_PER_PARTITION", 2000)
     bucket = s3_server.create_bucket("logs")
-    s3_server.upload_dir(local, bucket, "raw")
-    prepare_dataset(str(local), "parquet", str(tmp_path / "out"), progress=False)
+    s3_server.upload_dir(synthetic_log.path, bucket, "raw")
+    prepare_dataset(str(synthetic_log.path), "parquet", str(tmp_path / "out"), progress=False)
     meta = prepare_dataset(
         f"s3://{bucket}/raw", "parquet", f"s3://{bucket}/prepared", progress=False
     )
-    assert meta["n_interactions"] == table.num_rows
-    from fearec_dist.data.sources import resolve
-
+    assert meta["n_interactions"] == synthetic_log.table.num_rows
+    assert meta["sources"]["files"] == synthetic_log.n_files
     fs, path = resolve(f"s3://{bucket}/prepared/sequences")
     remote = pq.read_table(path, filesystem=fs).sort_by("user")
     assert remote.equals(pq.read_table(tmp_path / "out/sequences").sort_by("user"))
+    for name in ("vocab/items.parquet", "vocab/users.parquet"):
+        fs, path = resolve(f"s3://{bucket}/prepared/{name}")
+        assert pq.read_table(path, filesystem=fs).equals(pq.read_table(tmp_path / "out" / name))
+    assert read_json(f"s3://{bucket}/prepared/meta.json")["n_users"] == meta["n_users"]
     assert "testing" not in json.dumps(meta)  # credentials never reach outputs
+    offsets, _, users = read_sequences(f"s3://{bucket}/prepared")
+    assert len(users) == meta["n_users"] and offsets[-1] == meta["n_interactions"]
 
 
 def test_unreachable_endpoint_is_named(ray_session, tmp_path):
+    import time
+
     from tests.conftest import free_port
 
     data = DataSection()
     data.storage.endpoint_url = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
     with pytest.raises(DataError, match=r"127\.0\.0\.1"):
         prepare_dataset(
             "s3://nobucket/raw", "parquet", str(tmp_path / "o"), data=data, progress=False
         )
+    assert time.monotonic() - start < 30
