@@ -3,8 +3,9 @@
     .venv/bin/python bench/prepare.py                  # 10M synthetic interactions + Beauty
     .venv/bin/python bench/prepare.py --users 20000    # a quick run
 
-Writes ``bench/results/prepare.json`` and prints a table. Peak RSS is sampled every 0.2 s over
-the driver and every Ray process of this instance (workers, raylet, GCS, object store included).
+Writes ``bench/results/prepare.json`` and prints a table. Peak memory is sampled over the driver
+and every Ray process of this instance (workers, raylet, GCS, object store included): summed RSS
+(double-counts shared object-store pages) and summed PSS (counts them once).
 """
 
 from __future__ import annotations
@@ -25,25 +26,31 @@ BEAUTY = ROOT.parent / "shared" / "data" / "beauty" / "Beauty.txt"
 
 
 class PeakRSS:
-    """Samples the summed RSS of this process and its descendants (Ray's processes)."""
+    """Samples this process and its descendants (Ray's GCS, raylet, workers): summed RSS every
+    0.2 s, and summed PSS every 1 s (RSS counts the shared object-store pages once per process
+    that touched them; PSS splits them, so its sum is the honest total)."""
 
     def __init__(self) -> None:
-        self.peak_total = self.peak_driver = 0
+        self.peak_total = self.peak_driver = self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = psutil.Process()
+        tick = 0
         while not self._stop.is_set():
             try:
+                procs = [me, *me.children(recursive=True)]
                 driver = me.memory_info().rss
-                total = driver + sum(
-                    c.memory_info().rss for c in me.children(recursive=True) if c.is_running()
-                )
+                total = sum(p.memory_info().rss for p in procs if p.is_running())
+                if tick % 5 == 0:
+                    pss = sum(p.memory_full_info().pss for p in procs if p.is_running())
+                    self.peak_pss = max(self.peak_pss, pss)
             except psutil.Error:
                 continue
             self.peak_driver = max(self.peak_driver, driver)
             self.peak_total = max(self.peak_total, total)
+            tick += 1
             time.sleep(0.2)
 
     def __enter__(self) -> PeakRSS:
@@ -69,8 +76,10 @@ def run_case(name: str, inp: str, fmt: str, out: str) -> dict:
         "items": meta["n_items"],
         "seconds": round(seconds, 2),
         "interactions_per_s": round(meta["n_interactions"] / seconds),
+        "load_avg_1m_after": round(os.getloadavg()[0], 1),  # others' work on a shared box
         "peak_rss_driver_mb": round(rss.peak_driver / 2**20),
         "peak_rss_total_mb": round(rss.peak_total / 2**20),
+        "peak_pss_total_mb": round(rss.peak_pss / 2**20),
     }
 
 
@@ -106,11 +115,15 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\n{'case':<20}{'interactions':>14}{'seconds':>10}{'inter/s':>12}{'peak RSS MB':>14}")
+    print(
+        f"\n{'case':<20}{'interactions':>14}{'seconds':>10}{'inter/s':>12}"
+        f"{'RSS MB':>10}{'PSS MB':>10}{'driver MB':>11}"
+    )
     for r in rows:
         print(
             f"{r['case']:<20}{r['interactions']:>14,}{r['seconds']:>10}"
-            f"{r['interactions_per_s']:>12,}{r['peak_rss_total_mb']:>14,}"
+            f"{r['interactions_per_s']:>12,}{r['peak_rss_total_mb']:>10,}"
+            f"{r['peak_pss_total_mb']:>10,}{r['peak_rss_driver_mb']:>11,}"
         )
     print(f"(driver + all Ray processes; {result['machine']}) -> {args.out}")
 
