@@ -108,7 +108,7 @@ def test_no_mask_padding_takes_part() -> None:
     with torch.no_grad():
         out = model(seq, lens)
         assert not torch.allclose(out, model(later, lens))
-        model.item_embedding.weight[0] += torch.randn(12)  # padding embedding: seen (no padding mask)
+        model.item_embedding.weight[0] += torch.randn(12)  # padding: seen (no padding mask)
         assert not torch.allclose(out, model(seq, lens))
 
 
