@@ -49,6 +49,7 @@ from fearec_dist.models.losses import ce_loss
 NEEDS_ATTRIBUTES = True
 STAGES = ("pretrain", "finetune")
 HEADS = ("aap_norm", "mip_norm", "map_norm", "sp_norm")
+IDLE_IN_FINETUNE = ("feature_embedding", *HEADS)
 
 
 @dataclass
@@ -339,9 +340,14 @@ def loss_terms(
     Returns:
         ``{"loss": ce, "ce": ce.detach()}``, the mean over this worker's rows.
     """
+    m = getattr(model, "module", model)
     seq_repr = model(batch["item_seq"], batch["seq_len"])  # (B, D)
-    ce = ce_loss(getattr(model, "module", model).item_scores(seq_repr), batch["target"])
-    return {"loss": ce, "ce": ce.detach()}
+    ce = ce_loss(m.item_scores(seq_repr), batch["target"])
+    # the feature embedding and the four heads take no part in finetuning, but DDP (built
+    # without find_unused_parameters) needs every parameter in the graph: add them with weight 0
+    idle = [p.sum() for n, p in m.named_parameters() if n.split(".")[0] in IDLE_IN_FINETUNE]
+    loss = ce + 0.0 * torch.stack(idle).sum() if idle else ce
+    return {"loss": loss, "ce": ce.detach()}
 
 
 def full_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -208,6 +208,9 @@ def test_finetune_is_causal_ce_with_mask_row_in_training_only() -> None:
         torch.testing.assert_close(model(later, batch["seq_len"])[0], u[0].float())
         scores = full_scores(model, batch)
     assert logits.shape == (2, N_ITEMS + 2) and scores.shape == (2, N_ITEMS + 1)
+    loss_terms(model, batch)["loss"].backward()  # DDP needs a grad for every parameter
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.aap_norm.weight.grad.abs().sum() == 0
     torch.testing.assert_close(out["loss"].double(), want, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(scores, logits[:, : N_ITEMS + 1].float())
 
