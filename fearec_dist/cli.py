@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="number of training workers (run.workers)")
     p.add_argument("--data", help="dataset URI (data.path)")
     p.add_argument("--name", help="run name (run.name); the same name resumes a run")
+    p.add_argument(
+        "--stage",
+        choices=["train", "pretrain", "finetune"],
+        help="S3Rec: pretrain, or finetune from --set train.pretrained=CHECKPOINT (train.stage)",
+    )
 
     p = sub.add_parser("tune", help="hyper-parameter sweep with Ray Tune + ASHA")
     _add_config_args(p)
@@ -125,6 +130,8 @@ def _train_config(args: argparse.Namespace) -> ExperimentConfig:
         extra.setdefault("data", {})["path"] = args.data
     if getattr(args, "name", None):
         extra.setdefault("run", {})["name"] = args.name
+    if getattr(args, "stage", None):
+        extra.setdefault("train", {})["stage"] = args.stage
     cfg = load_config(args.config, args.overrides, extra=extra)
     from fearec_dist.models import validate_model_section
 
@@ -167,6 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     args.debug, args.local, args.workers, args.data, args.name = False, True, None, None, None
+    args.stage = None
     return cmd_train(args)
 
 
