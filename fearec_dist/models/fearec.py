@@ -39,8 +39,8 @@ from fearec_dist.models.layers import (
     FeedForward,
     SequentialBase,
     at_least_float32,
-    attend,
     causal_padding_mask,
+    dropout,
     gather_last,
     init_weights,
 )
@@ -150,6 +150,28 @@ def circulant_index(max_seq_len: int) -> torch.Tensor:
     return (t[None, :] - t[:, None]) % max_seq_len
 
 
+def lag_index(max_seq_len: int) -> torch.Tensor:
+    """(L, L) long into a flattened (L·L) Gram matrix: [τ, t] = ((t + τ) mod L)·L + t, so that
+    summing G.flatten()[lag_index] over t gives Σ_t G[(t + τ) mod L, t], the lag-τ correlation."""
+    t = torch.arange(max_seq_len)
+    return ((t[None, :] + t[:, None]) % max_seq_len) * max_seq_len + t[None, :]
+
+
+def band_projection(max_seq_len: int, bins: range) -> torch.Tensor:
+    """(L, L) float32 matrix P with P @ x = irfft(1_bins ⊙ rfft(x), n=L) along time (§3.2).
+
+    Filtering to a fixed set of bins is a fixed linear map of the time axis (real, symmetric,
+    P² = P); it is built once here with torch.fft in float64 (n=L explicit, so odd L works,
+    §10.5) and applied in forward as a matmul, which on CPU costs a fraction of an rfft/irfft
+    pair over (B, L, D) and gives the same numbers to float round-off.
+    """
+    keep = torch.zeros(max_seq_len // 2 + 1, dtype=torch.float64)
+    keep[bins.start : bins.stop] = 1.0
+    eye = torch.eye(max_seq_len, dtype=torch.float64)
+    cols = torch.fft.irfft(torch.fft.rfft(eye, dim=0) * keep[:, None], n=max_seq_len, dim=0)
+    return cols.float()  # column s = filtered unit impulse at s
+
+
 def aggregate_delays(
     values: torch.Tensor, delay: torch.Tensor, weight: torch.Tensor, circulant: torch.Tensor
 ) -> torch.Tensor:
@@ -176,13 +198,19 @@ def aggregate_delays(
 class HybridAttention(nn.Module):
     """One FEA block's attention (spec §3): Branch A, optional Branch B, fusion, residual, LN.
 
+    Both branches start from the same Gram matrix: Branch A's correlation at lag τ is
+    R[τ] = (1/D) Σ_t (q̃ k̃ᵀ)[(t + τ) mod L, t] with q̃ = P_I q, k̃ = P_I k — the same as
+    irfft(1_I ⊙ Q_f ⊙ conj K_f) averaged over heads and channels (§3.3 steps 1-4) — and with
+    ``filter_time`` Branch B's scores are the per-head parts of that q̃ k̃ᵀ, so one batched
+    matmul serves both.
+
     Args:
         band: rfft bins I_l of this layer (§3.2).
-        n_bins: F = L // 2 + 1.
         max_seq_len: L.
         k: number of delays.
-        filter_time: band-limit Branch B's q/k/v to ``band`` (RecBole ``std``).
-        spatial_ratio: γ, Branch B's weight; only used when ``dual_domain``.
+        dual_domain: Branch B on/off; ``spatial_ratio`` (γ) is its weight.
+        filter_time: band-limit Branch B's q/k/v to ``band`` too (RecBole ``std``).
+        per_sample_delays_in_training: per-row delays in training as in eval (not the reference).
     """
 
     def __init__(
@@ -211,60 +239,62 @@ class HybridAttention(nn.Module):
         self.dense = nn.Linear(hidden, hidden)
         self.LayerNorm = nn.LayerNorm(hidden, eps=layer_norm_eps)
         self.out_dropout = Dropout(hidden_dropout)
-        n_bins = max_seq_len // 2 + 1
-        mask = torch.zeros(n_bins)
-        mask[band.start : band.stop] = 1.0
-        self.register_buffer("band", mask, persistent=False)  # I_l as a 0/1 mask (F,)
+        self.full_band = len(band) == max_seq_len // 2 + 1  # P_I = identity
+        self.filter_time = filter_time and not self.full_band  # J_l = all bins: no filtering
+        # constant buffers, not state (RecBole has no such keys)
+        self.register_buffer("band_proj", band_projection(max_seq_len, band), persistent=False)
+        self.register_buffer("lag_index", lag_index(max_seq_len), persistent=False)
         self.register_buffer("circulant", circulant_index(max_seq_len), persistent=False)
-        self.filter_time = filter_time and len(band) < n_bins  # J_l = all bins: no filtering
 
-    def delays(self, corr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """corr (B, L) -> delays (B, k) long and their softmax weights (B, k) (§3.3 step 6)."""
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        return x.view(B, L, self.n_heads, self.head_size).transpose(1, 2)  # (B, H, L, E)
+
+    def delays(self, corr: torch.Tensor, n_views: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """corr (B, L) -> delays (B, k) long and their softmax weights (B, k) (§3.3 step 6).
+
+        In training the delays are shared by each of the ``n_views`` stacked view batches (as
+        if each view were its own forward call, the reference's behaviour); in eval, per row.
+        """
+        B, L = corr.shape
         if self.training and not self.per_sample_train:
-            idx = corr.mean(dim=0).topk(self.k).indices.expand(corr.shape[0], -1)  # (B, k)
+            shared = corr.view(n_views, B // n_views, L).mean(dim=1).topk(self.k).indices
+            idx = shared.repeat_interleave(B // n_views, dim=0)  # (B, k)
             return idx, corr.gather(1, idx).softmax(dim=-1)
         top, idx = corr.topk(self.k, dim=-1)
         return idx, top.softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, n_views: int = 1) -> torch.Tensor:
         """x (B, L, D), mask additive (B, 1, L, L) (Branch B only) -> (B, L, D)."""
         B, L, D = x.shape
         q, k, v = self.query_layer(x), self.key_layer(x), self.value_layer(x)  # (B, L, D) each
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):  # filters and masks in float32
             q, k, v = at_least_float32(q), at_least_float32(k), at_least_float32(v)
-            qf = torch.fft.rfft(q, dim=1)  # (B, F, D), reused by Branch B
-            kf = torch.fft.rfft(k, dim=1)
+            proj = self.band_proj.to(q.dtype)  # no-op unless the model runs in float64
+            scores = v_time = None
+            if self.gamma > 0.0:  # Branch B inputs (§3.4 step 1)
+                if self.filter_time:
+                    q, k, v_time = proj @ q, proj @ k, proj @ v  # (B, L, D) band-limited
+                else:
+                    v_time = v
+                scores = self.split(q) @ self.split(k).transpose(-1, -2)  # (B, H, L, L)
             ctx = 0.0
-            if self.gamma < 1.0:  # Branch A, §3.3
-                cross = (qf * kf.conj()).mean(dim=-1) * self.band  # (B, F): heads, channels
-                corr = torch.fft.irfft(cross, n=L, dim=1)  # (B, L): correlation per lag τ
-                delay, weight = self.delays(corr)
+            if self.gamma < 1.0:  # Branch A (§3.3)
+                if scores is not None and (self.filter_time or self.full_band):
+                    gram = scores.sum(dim=1)  # (B, L, L): q̃ k̃ᵀ, heads summed
+                else:
+                    q_band = q if self.full_band else proj @ q
+                    gram = q_band @ k.transpose(1, 2)  # (B, L, L)
+                lagged = gram.view(B, L * L)[:, self.lag_index]  # (B, L, L): [b, τ, t]
+                corr = lagged.sum(dim=-1) / D  # (B, L): mean over heads and channels
+                delay, weight = self.delays(corr, n_views)
                 ctx = (1.0 - self.gamma) * aggregate_delays(v, delay, weight, self.circulant)
-            if self.gamma > 0.0:  # Branch B, §3.4
-                ctx = ctx + self.gamma * self.time_branch(qf, kf, q, k, v, mask)
+            if scores is not None:  # Branch B (§3.4 steps 2-3)
+                probs = torch.softmax(scores / math.sqrt(self.head_size) + mask, dim=-1)
+                probs = dropout(probs, self.attn_dropout, self.training)
+                ctx_time = (probs @ self.split(v_time)).transpose(1, 2).reshape(B, L, D)
+                ctx = ctx + self.gamma * ctx_time
         return self.LayerNorm(x + self.out_dropout(self.dense(ctx.to(x.dtype))))
-
-    def time_branch(
-        self,
-        qf: torch.Tensor,
-        kf: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """Branch B (§3.4): attention on band-filtered q/k/v (B, L, D), in float32."""
-        B, L, D = q.shape
-        if self.filter_time:
-            band = self.band[:, None]  # (F, 1)
-            q = torch.fft.irfft(qf * band, n=L, dim=1)  # n=L: odd L works (§10.5)
-            k = torch.fft.irfft(kf * band, n=L, dim=1)
-            v = torch.fft.irfft(torch.fft.rfft(v, dim=1) * band, n=L, dim=1)
-        qh, kh, vh = (
-            t.reshape(B, L, self.n_heads, self.head_size).transpose(1, 2) for t in (q, k, v)
-        )  # (B, H, L, E)
-        ctx = attend(qh, kh, vh, mask, self.attn_dropout, self.training)  # (B, H, L, E)
-        return ctx.transpose(1, 2).reshape(B, L, D)
 
 
 class FEABlock(nn.Module):
@@ -275,8 +305,8 @@ class FEABlock(nn.Module):
         self.hybrid_attention = attention
         self.feed_forward = feed_forward
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.feed_forward(self.hybrid_attention(x, mask))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, n_views: int = 1) -> torch.Tensor:
+        return self.feed_forward(self.hybrid_attention(x, mask, n_views))
 
 
 class FEAEncoder(nn.Module):
@@ -309,9 +339,9 @@ class FEAEncoder(nn.Module):
             for i in range(c.n_layers)
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, n_views: int = 1) -> torch.Tensor:
         for block in self.layer:
-            x = block(x, mask)
+            x = block(x, mask, n_views)
         return x
 
 
@@ -343,11 +373,20 @@ class FEARec(SequentialBase):
         """Whether training batches must carry a same-target partner (``pos_seq``)."""
         return self.config.contrast in ("su", "us", "us_x")
 
-    def forward(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """item_seq (B, L) right-padded, lengths (B,) -> seq_repr (B, D) at position len - 1."""
+    def forward(
+        self, item_seq: torch.Tensor, lengths: torch.Tensor, n_views: int = 1
+    ) -> torch.Tensor:
+        """item_seq (B, L) right-padded, lengths (B,) -> seq_repr (B, D) at position len - 1.
+
+        ``n_views`` > 1 says the batch stacks that many equal-size view batches (the loss runs
+        its dropout views and partners in one pass); training-mode delays are then picked per
+        view batch, exactly as separate calls would pick them.
+        """
+        if item_seq.shape[0] % n_views:
+            raise ValueError(f"batch of {item_seq.shape[0]} rows is not {n_views} equal views")
         uses_mask = self.config.dual_domain and self.config.spatial_ratio > 0
         mask = causal_padding_mask(item_seq) if uses_mask else None  # Branch B only
-        hidden = self.item_encoder(self.embed(item_seq), mask)  # (B, L, D)
+        hidden = self.item_encoder(self.embed(item_seq), mask, n_views)  # (B, L, D)
         return gather_last(hidden, lengths)
 
 
@@ -385,15 +424,21 @@ def loss_terms(
     """
     m = getattr(model, "module", model)
     c: FEARecConfig = m.config
-    seq, lens = batch["item_seq"], batch["seq_len"]
-    views = {"u": model(seq, lens)}  # (B, D)
-    terms = {"ce": ce_loss(m.item_scores(views["u"]), batch["target"])}
     pairs = NCE_PAIRS[c.contrast]
     used = {name for pair in pairs.values() for name in pair}
-    if "u2" in used:
-        views["u2"] = model(seq, lens)  # fresh dropout masks
-    if "pos" in used:
-        views["pos"] = model(batch["pos_seq"], batch["pos_len"])
+    # every view in one stacked forward (one DDP forward per step, larger matmuls); each row
+    # gets its own dropout masks, and training delays are picked per view (n_views)
+    names = ["u"] + [name for name in ("u2", "pos") if name in used]
+    sources = {
+        "u": ("item_seq", "seq_len"),
+        "u2": ("item_seq", "seq_len"),
+        "pos": ("pos_seq", "pos_len"),
+    }
+    seqs = torch.cat([batch[sources[name][0]] for name in names])  # (V·B, L)
+    lens = torch.cat([batch[sources[name][1]] for name in names])
+    stacked = model(seqs, lens, n_views=len(names)) if len(names) > 1 else model(seqs, lens)
+    views = dict(zip(names, stacked.chunk(len(names))))  # each (B, D)
+    terms = {"ce": ce_loss(m.item_scores(views["u"]), batch["target"])}
     if pairs:
         cands = Candidates({name: views[name] for name in sorted(used)}, c.sim, gather)
         for term, (a, b) in pairs.items():

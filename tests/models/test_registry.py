@@ -93,7 +93,9 @@ def test_empty_band_is_rejected() -> None:
 def test_one_layer_model_works() -> None:
     # §10.4: the reference divides by n_layers - 1; here slide = 0 and the band is every bin
     model = build_model("fearec_official", n_items=20, max_seq_len=10, n_layers=1)
-    assert model.item_encoder.layer[0].hybrid_attention.band.sum() == 6
+    attention = model.item_encoder.layer[0].hybrid_attention
+    assert attention.full_band
+    torch.testing.assert_close(attention.band_proj, torch.eye(10), atol=1e-6, rtol=0)
     seq = torch.randint(1, 21, (3, 10))
     model(seq, torch.tensor([10, 4, 1])).sum().backward()
 
