@@ -71,3 +71,23 @@ def load_state_uri(uri: str, storage: Any = None) -> dict[str, Any]:
         source = f"{path.rstrip('/')}/{STATE_FILE}"
         pafs.copy_files(source, f"{tmp}/{STATE_FILE}", source_filesystem=fs)
         return load_state(tmp)
+
+
+def latest_checkpoint(uri: str, storage: Any = None) -> str:
+    """``uri`` itself when it is a checkpoint; for a run directory, its newest checkpoint."""
+    import pyarrow.fs as pafs
+
+    from fearec_dist.data.sources import resolve
+
+    fs, path = resolve(uri, storage)
+    if fs.get_file_info(f"{path}/state.pt").type == pafs.FileType.File:
+        return uri
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(
+        i.base_name
+        for i in infos
+        if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+    )
+    if not names:
+        raise FileNotFoundError(f"{uri}: neither a checkpoint nor a run directory with one")
+    return f"{uri.rstrip('/')}/{names[-1]}"

@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 import torch
 
 from fearec_dist.config import ExperimentConfig, StorageSection
-from fearec_dist.train.checkpoint import load_state_uri
+from fearec_dist.train.checkpoint import latest_checkpoint, load_state_uri
 from fearec_dist.train.loop import evaluate, model_inputs
 
 
@@ -24,26 +24,6 @@ def iter_split(uri: str, batch_size: int, storage: StorageSection) -> Iterator[p
     fs, root = resolve(uri, storage)
     for rb in pads.dataset(root, filesystem=fs, format="parquet").to_batches(batch_size=batch_size):
         yield pa.Table.from_batches([rb])
-
-
-def latest_checkpoint(uri: str, storage: StorageSection | None = None) -> str:
-    """``uri`` itself when it is a checkpoint; for a run directory, its newest checkpoint."""
-    import pyarrow.fs as pafs
-
-    from fearec_dist.data.sources import resolve
-
-    fs, path = resolve(uri, storage)
-    if fs.get_file_info(f"{path}/state.pt").type == pafs.FileType.File:
-        return uri
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    names = sorted(
-        i.base_name
-        for i in infos
-        if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
-    )
-    if not names:
-        raise FileNotFoundError(f"{uri}: neither a checkpoint nor a run directory with one")
-    return f"{uri.rstrip('/')}/{names[-1]}"
 
 
 def evaluate_checkpoint(uri: str, storage: StorageSection | None = None) -> dict[str, Any]:

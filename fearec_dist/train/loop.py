@@ -316,13 +316,14 @@ def stage_loss(spec: Any, stage: str) -> Any:
 def start_from_pretrained(spec: Any, model: torch.nn.Module, cfg: ExperimentConfig) -> None:
     """S3Rec finetune: load the pretrained encoder, or say clearly that there is none."""
     if cfg.train.pretrained:
-        state = ckpt.load_state_uri(cfg.train.pretrained, cfg.data.storage)
+        source = ckpt.latest_checkpoint(cfg.train.pretrained, cfg.data.storage)
+        state = ckpt.load_state_uri(source, cfg.data.storage)
         load = getattr(spec.module, "load_pretrained", None)
         if load is None:
             model.load_state_dict(state["model"], strict=False)
         else:
             load(model, state["model"])
-        say(f"[fearec-dist] finetuning from the pretrained encoder in {cfg.train.pretrained}")
+        say(f"[fearec-dist] finetuning from the pretrained encoder in {source}")
         return
     if not cfg.train.allow_scratch:
         raise ValueError(
