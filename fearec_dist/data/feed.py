@@ -90,7 +90,7 @@ def eval_dataset(info: dict[str, Any], split: str, storage: StorageSection) -> A
     import ray.data
 
     fs, root = resolve(f"{info['uri']}/{split}", storage)
-    return ray.data.read_parquet(root, filesystem=fs, ray_remote_args={"num_cpus": DATA_TASK_CPUS})
+    return ray.data.read_parquet(root, filesystem=fs, num_cpus=DATA_TASK_CPUS)
 
 
 def draw_partners(target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
