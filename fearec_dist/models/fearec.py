@@ -191,7 +191,9 @@ def aggregate_delays(
     """
     B, L, _ = values.shape
     per_lag = weight.new_zeros(B, L).scatter(1, delay, weight)  # (B, L)
-    mix = per_lag[:, circulant]  # (B, L, L)
+    # torch.gather rather than per_lag[:, circulant]: its backward is a scatter-add, several
+    # times faster on CPU than advanced indexing's accumulate
+    mix = per_lag.gather(1, circulant.view(1, L * L).expand(B, -1)).view(B, L, L)
     return torch.bmm(mix, values)
 
 
@@ -285,7 +287,8 @@ class HybridAttention(nn.Module):
                 else:
                     q_band = q if self.full_band else proj @ q
                     gram = q_band @ k.transpose(1, 2)  # (B, L, L)
-                lagged = gram.view(B, L * L)[:, self.lag_index]  # (B, L, L): [b, τ, t]
+                lags = self.lag_index.view(1, L * L).expand(B, -1)
+                lagged = gram.reshape(B, L * L).gather(1, lags).view(B, L, L)  # [b, τ, t]
                 corr = lagged.sum(dim=-1) / D  # (B, L): mean over heads and channels
                 delay, weight = self.delays(corr, n_views)
                 ctx = (1.0 - self.gamma) * aggregate_delays(v, delay, weight, self.circulant)

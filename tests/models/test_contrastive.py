@@ -201,9 +201,11 @@ def test_sharded_fearec_loss_terms_equal_one_process(sizes: list[int]) -> None:
     model = build_model("fearec_paper", n_items=ITEMS, max_seq_len=L_TOY).double().eval()
     # At init the last LayerNorm (weight 1, bias 0) makes every u sum to ~0, so the DC bin of
     # |rfft(u') - rfft(u+)| sits at the kink of |.|, and its gradient sign is round-off noise.
+    # A random bias alone is not enough: with a uniform weight every row sums to Σ bias.
     last_ln = model.item_encoder.layer[-1].feed_forward.LayerNorm
     with torch.no_grad():
         last_ln.bias.normal_(0.0, 0.1)
+        last_ln.weight.normal_(1.0, 0.1)
     params = list(model.parameters())
     batch = toy_batch(sum(sizes))
     N = sum(sizes)
