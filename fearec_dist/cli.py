@@ -233,3 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"fearec-dist: error: {err}", file=sys.stderr)
         return 1
+
+
+if __name__ == "__main__":  # python -m fearec_dist.cli
+    sys.exit(main())
