@@ -109,7 +109,8 @@ while done < args["warmup"] + args["batches"]:
     elif done > args["warmup"]:
         samples += len(inter)
 seconds = time.perf_counter() - start
-print(json.dumps({"samples": samples, "seconds": seconds, "anomaly_detection": torch.is_anomaly_enabled(),
+print(json.dumps({"samples": samples, "seconds": seconds,
+                  "anomaly_detection": torch.is_anomaly_enabled(),
                   "train_rows": len(train_data.dataset)}))
 """
 

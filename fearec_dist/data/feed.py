@@ -197,6 +197,9 @@ class TrainFeed:
             if not exhausted and (self.window == 0 or n_window < self.window):
                 continue
             if n_window >= bs:
+                if self.window == 0:  # the whole shard: canonical bucket order, so the epoch's
+                    # batches do not depend on the order the buckets arrived in (exact resume)
+                    window.sort(key=lambda w: int(w["bucket"][0]))
                 pool = _concat_windows(window)
                 perm = rng.permutation(n_window)
                 n_emit = min(n_window // bs, self.steps - produced)

@@ -9,7 +9,9 @@ fingerprint of the prepared data). Saved with ``torch.save`` and read back with
 
 Atomicity: rank 0 writes into a fresh temporary directory (``state.pt.tmp`` renamed to
 ``state.pt``), which ``ray.train.report`` then persists; Ray only registers a checkpoint after
-its upload finished, so a half-written one is never picked up.
+its upload finished, so Ray's own restore never sees a half-written one, and
+``latest_checkpoint`` (evaluate, finetune) skips a checkpoint directory whose ``state.pt`` is
+not a complete file.
 """
 
 from __future__ import annotations
@@ -73,21 +75,48 @@ def load_state_uri(uri: str, storage: Any = None) -> dict[str, Any]:
         return load_state(tmp)
 
 
+def is_complete(fs: Any, path: str) -> bool:
+    """Whether ``path/state.pt`` exists and is a whole file: ``torch.save`` writes a zip whose
+    central directory comes last, so a copy cut short (or not yet written) fails to open."""
+    import zipfile
+
+    import pyarrow.fs as pafs
+
+    source = f"{path.rstrip('/')}/{STATE_FILE}"
+    if fs.get_file_info(source).type != pafs.FileType.File:
+        return False
+    try:
+        with fs.open_input_file(source) as f, zipfile.ZipFile(f) as z:
+            return bool(z.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
 def latest_checkpoint(uri: str, storage: Any = None) -> str:
-    """``uri`` itself when it is a checkpoint; for a run directory, its newest checkpoint."""
+    """``uri`` itself when it is a checkpoint; for a run directory, its newest complete one.
+
+    Incomplete checkpoint directories (a crash during the copy into storage) are skipped, so a
+    half-written checkpoint is never picked up.
+    """
     import pyarrow.fs as pafs
 
     from fearec_dist.data.sources import resolve
 
     fs, path = resolve(uri, storage)
-    if fs.get_file_info(f"{path}/state.pt").type == pafs.FileType.File:
+    if fs.get_file_info(f"{path}/{STATE_FILE}").type == pafs.FileType.File:
+        if not is_complete(fs, path):
+            raise FileNotFoundError(f"{uri}: its {STATE_FILE} is not complete (cut short)")
         return uri
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     names = sorted(
-        i.base_name
-        for i in infos
-        if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+        (
+            i.base_name
+            for i in infos
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+        ),
+        reverse=True,
     )
-    if not names:
-        raise FileNotFoundError(f"{uri}: neither a checkpoint nor a run directory with one")
-    return f"{uri.rstrip('/')}/{names[-1]}"
+    for name in names:
+        if is_complete(fs, f"{path}/{name}"):
+            return f"{uri.rstrip('/')}/{name}"
+    raise FileNotFoundError(f"{uri}: neither a checkpoint nor a run directory with a complete one")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -91,6 +92,27 @@ def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, 
     return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
 
 
+TEST_KILL_ENV = "FEAREC_DIST_TEST_KILL"
+
+
+def _test_kill_hook(epoch: int, step: int, rank: int) -> None:
+    """Fault-injection for the tests: ``FEAREC_DIST_TEST_KILL=<marker>:<epoch>:<step>:<rank>``
+    (0-based) makes that rank's process exit hard at that step once: the marker file is created
+    first, and an existing marker disarms the hook (the restarted worker runs on)."""
+    spec = os.environ.get(TEST_KILL_ENV)
+    if not spec:
+        return
+    marker, at_epoch, at_step, at_rank = spec.rsplit(":", 3)
+    if (epoch, step, rank) != (int(at_epoch), int(at_step), int(at_rank)):
+        return
+    if os.path.exists(marker):
+        return
+    with open(marker, "w") as f:
+        f.write(f"killed rank {rank} at epoch {epoch} step {step}\n")
+    say(f"[fearec-dist] {TEST_KILL_ENV}: rank {rank} exits at epoch {epoch} step {step}")
+    os._exit(1)
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     loss_terms: Any,
@@ -107,6 +129,7 @@ def train_one_epoch(
     steps = samples = 0
     start = time.perf_counter()
     for batch_np in feed.epoch(epoch):
+        _test_kill_hook(epoch, steps, feed.rank)
         batch = _to_device(batch_np, device)
         with autocast_for(device, amp):
             terms = loss_terms(model, batch, gather=gather)
