@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fearec_dist.config import ConfigError, ExperimentConfig, load_config
+from fearec_dist.train.trainer import TrainingFailed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo.yaml"
@@ -232,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (ValueError, FileNotFoundError) as err:
         print(f"fearec-dist: error: {err}", file=sys.stderr)
+        return 1
+    except TrainingFailed as err:  # the workers' report, without the driver's traceback
+        print(f"fearec-dist: {err}", file=sys.stderr)
         return 1
 
 

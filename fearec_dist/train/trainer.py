@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -124,6 +125,7 @@ def build_trainer(
     storage_path = root.split("://", 1)[1] if fs is not None else root
     workers = 0 if mode == "debug" else max(1, cfg.run.workers)
     resources = {"CPU": cfg.run.cpus_per_worker} | ({"GPU": 1} if cfg.run.use_gpu else {})
+    resources |= cfg.run.worker_resources  # custom node resources, e.g. one slot per node
     return TorchTrainer(
         train_func,
         train_loop_config={
@@ -212,6 +214,52 @@ def prepare_run(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     return prepared, info
 
 
+class TrainingFailed(RuntimeError):
+    """The run failed; the message says why in one line, then the workers' error report."""
+
+
+# what a lost connection to object storage looks like in pyarrow's and botocore's errors
+NETWORK_MARKERS = (
+    "NETWORK_CONNECTION",
+    "Could not connect",
+    "Couldn't connect",
+    "Connection refused",
+    "Connect timeout",
+    "EndpointConnectionError",
+    "Could not resolve host",
+)
+
+
+def training_error(err: BaseException, cfg: ExperimentConfig, run_dir: str) -> Exception:
+    """A clear error for a failed ``fit()``: a lost S3 endpoint is named as such (after the S3
+    client's bounded retries and Ray's ``max_failures`` restarts), anything else keeps the
+    workers' report under a one-line summary."""
+    from fearec_dist.data.errors import DataError
+    from fearec_dist.data.sources import (
+        CONNECT_TIMEOUT_S,
+        MAX_ATTEMPTS,
+        endpoint_of,
+        redact,
+    )
+
+    text = str(err)
+    causes = re.findall(r"^\s*(\w*(?:Error|Exception)\b:? .*)$", text, flags=re.MULTILINE)
+    cause = causes[-1].strip() if causes else (text.strip().splitlines() or [repr(err)])[-1]
+    uris = (cfg.run.storage_path, cfg.data.path, cfg.data.prepared_path)
+    if any(u.startswith(("s3://", "s3a://")) for u in uris) and any(
+        m in text for m in NETWORK_MARKERS
+    ):
+        endpoint = endpoint_of(cfg.data.storage) or "AWS S3 (default endpoint)"
+        return DataError(
+            f"lost the connection to the S3 endpoint {redact(endpoint)}: gave up after "
+            f"{MAX_ATTEMPTS} attempts per request ({CONNECT_TIMEOUT_S:.0f} s connect timeout) "
+            f"and {cfg.run.max_failures} restart(s) (run.max_failures). The last complete "
+            f"checkpoint stays in {run_dir}; run again with the same name to resume. "
+            f"Cause: {cause[:500]}"
+        )
+    return TrainingFailed(f"training failed: {cause[:500]}\n\n{text}")
+
+
 def run_training(cfg: ExperimentConfig, mode: str = "local") -> dict[str, Any]:
     """Trains ``cfg`` in ``mode`` and returns the run's ``results.json`` content."""
     if mode not in MODES:
@@ -230,9 +278,12 @@ def run_training(cfg: ExperimentConfig, mode: str = "local") -> dict[str, Any]:
             cfg, build_datasets(info, cfg.data.storage), info, mode=mode, name=name
         )
         t0 = time.time()
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as err:  # Train V2 raises the workers' error from fit()
+            raise training_error(err, cfg, run_dir) from err
         if getattr(result, "error", None):
-            raise RuntimeError(f"training failed: {result.error}")
+            raise training_error(result.error, cfg, run_dir)
         results = read_json(f"{run_dir}/results.json", cfg.data.storage)
         print(f"[fearec-dist] finished in {time.time() - t0:.0f} s; outputs in {run_dir}")
         return results
