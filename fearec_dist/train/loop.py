@@ -34,7 +34,7 @@ from fearec_dist.data.feed import TrainFeed, eval_batch_from_arrow
 from fearec_dist.train import checkpoint as ckpt
 from fearec_dist.train.distributed import build_gather
 from fearec_dist.train.metrics import MetricAccumulator, mask_history_, ranks_from_scores
-from fearec_dist.train.outputs import write_run_outputs
+from fearec_dist.train.outputs import TensorBoardLog, write_run_outputs
 
 
 def say(message: str) -> None:
@@ -274,6 +274,8 @@ def train_func(config: dict[str, Any]) -> None:
         batches = shard.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="pyarrow")
         return evaluate(module, spec.full_scores, batches, cfg.train.topk, device, cfg.train.amp)
 
+    tensorboard = TensorBoardLog(run_dir, storage) if rank == 0 else None
+
     # [3] epochs
     for epoch in range(progress.epoch, cfg.train.epochs):
         stats = train_one_epoch(
@@ -305,10 +307,14 @@ def train_func(config: dict[str, Any]) -> None:
         if rank == 0:
             _print_epoch(row, cfg.train.valid_metric, cfg.train.epochs)
         _report(row, progress, module, optimizer, best_state, cfg, info, run_dir, rank, storage)
+        if tensorboard is not None:
+            tensorboard.log(row)
         if progress.stopped_early:
             if rank == 0:
                 say(f"[fearec-dist] early stop after {cfg.train.patience + 1} evals without gain")
             break
+    if tensorboard is not None:
+        tensorboard.close()
 
 
 def model_inputs(spec: Any, cfg: ExperimentConfig, info: dict[str, Any]) -> dict[str, Any]:

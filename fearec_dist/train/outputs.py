@@ -83,3 +83,59 @@ def write_run_outputs(
     if history:
         png = plot_curves(history, str(results.get("config", {}).get("model", {}).get("name", "")))
         _write_bytes(f"{base}/curves.png", png, storage)
+
+
+def _summary_writer_class() -> Any:
+    """torch's SummaryWriter (needs the ``tensorboard`` extra), else tensorboardX's (which
+    ``ray[tune]`` installs), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter
+    except ImportError:
+        pass
+    try:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    except ImportError:
+        return None
+
+
+class TensorBoardLog:
+    """Rank 0's TensorBoard event file in ``<run_dir>/tensorboard/``: every numeric metric of
+    each epoch row, at step = epoch. For a remote run directory the events are written to a
+    local temporary directory and copied up after each epoch. A resumed run adds an event file
+    beside the old ones (TensorBoard reads them as one run; a replayed epoch shows its last
+    value). Without a SummaryWriter available, it says so once and does nothing."""
+
+    def __init__(self, run_dir: str, storage: StorageSection | None = None) -> None:
+        import tempfile
+
+        self.remote = "://" in run_dir and not run_dir.startswith("file://")
+        self.target = f"{run_dir.rstrip('/')}/tensorboard"
+        self.storage, self.writer = storage, None
+        writer_cls = _summary_writer_class()
+        if writer_cls is None:
+            print("[fearec-dist] TensorBoard logging off: pip install 'fearec-dist[tensorboard]'")
+            return
+        self.local = tempfile.mkdtemp(prefix="fearec-tb-") if self.remote else self.target
+        self.writer = writer_cls(log_dir=self.local.removeprefix("file://"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        step = int(row["epoch"])
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key if "/" in key else f"run/{key}", value, step)
+        self.writer.flush()
+        if self.remote:
+            from pathlib import Path
+
+            for path in Path(self.local).iterdir():
+                _write_bytes(f"{self.target}/{path.name}", path.read_bytes(), self.storage)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

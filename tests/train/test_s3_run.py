@@ -55,6 +55,7 @@ def test_train_evaluate_and_resume_on_s3(ray_session, s3_server, capsys):
     for name in ("results.json", "metrics.csv", "curves.png"):
         assert f"runs/on-s3/{name}" in keys, keys
     assert any(k.startswith("runs/on-s3/checkpoint_") and k.endswith("/state.pt") for k in keys)
+    assert any(k.startswith("runs/on-s3/tensorboard/") and "tfevents" in k for k in keys), keys
 
     # evaluate straight from the s3 run directory (its newest checkpoint)
     again = evaluate_checkpoint(f"s3://{bucket}/runs/on-s3")

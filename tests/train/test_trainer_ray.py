@@ -48,6 +48,29 @@ def _popularity_hr10(info: dict) -> float:
     return float((ranks <= 10).mean())
 
 
+def tensorboard_scalars(logdir: str) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from every TFRecord event file in ``logdir`` (read by hand: each
+    record is length u64, crc u32, an ``Event`` proto, crc u32)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, dict[int, float]] = {}
+    files = [f for f in sorted(os.listdir(logdir)) if "tfevents" in f]
+    assert files, f"no event file in {logdir}"
+    for name in files:
+        with open(os.path.join(logdir, name), "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
+
+
 def _storage():
     from fearec_dist.config import StorageSection
 
@@ -71,6 +94,10 @@ def test_two_worker_run(ray_session, synth_cfg):
     assert all(float(r["train/loss"]) > 0 for r in rows)
     with open(f"{run_dir}/curves.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    losses = tensorboard_scalars(f"{run_dir}/tensorboard")["train/loss"]
+    assert sorted(losses) == [1, 2, 3]
+    for r in rows:
+        assert losses[int(r["epoch"])] == pytest.approx(float(r["train/loss"]), rel=1e-6)
 
     _, info = prepare_run(cfg)
     assert results["test"]["hr@10"] > _popularity_hr10(info) + 0.05
