@@ -11,6 +11,7 @@ The ``model`` section is a name plus free keys here; the model registry
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -124,12 +125,31 @@ class RunSection:
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     checkpoints_to_keep: int = 2
+    # custom Ray resources each worker also requests, e.g. {"trainer_slot": 1} with one slot per
+    # node places one worker per node; the names must match the nodes' `--resources`
+    worker_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise ConfigError(f"run.workers: must be >= 0, got {self.workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"run.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        resources = {}
+        for name, amount in self.worker_resources.items():
+            key = f"run.worker_resources.{name}"
+            if not isinstance(name, str) or not name:
+                raise ConfigError(
+                    f"run.worker_resources: resource names must be strings, got {name!r}"
+                )
+            if name in ("CPU", "GPU"):
+                raise ConfigError(
+                    f"{key}: set CPUs and GPUs with run.cpus_per_worker / run.use_gpu"
+                )
+            ok, value = _type_ok(amount, float)
+            if not ok or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{key}: must be a number >= 0, got {amount!r}")
+            resources[name] = value
+        self.worker_resources = resources
 
 
 @dataclass
