@@ -15,51 +15,14 @@ import json
 import os
 import platform
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
+from common import PeakRSS  # bench/common.py (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 BEAUTY = ROOT.parent / "shared" / "data" / "beauty" / "Beauty.txt"
-
-
-class PeakRSS:
-    """Samples this process and its descendants (Ray's GCS, raylet, workers): summed RSS every
-    0.2 s, and summed PSS every 1 s (RSS counts the shared object-store pages once per process
-    that touched them; PSS splits them, so its sum is the honest total)."""
-
-    def __init__(self) -> None:
-        self.peak_total = self.peak_driver = self.peak_pss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        tick = 0
-        while not self._stop.is_set():
-            try:
-                procs = [me, *me.children(recursive=True)]
-                driver = me.memory_info().rss
-                total = sum(p.memory_info().rss for p in procs if p.is_running())
-                if tick % 5 == 0:
-                    pss = sum(p.memory_full_info().pss for p in procs if p.is_running())
-                    self.peak_pss = max(self.peak_pss, pss)
-            except psutil.Error:
-                continue
-            self.peak_driver = max(self.peak_driver, driver)
-            self.peak_total = max(self.peak_total, total)
-            tick += 1
-            time.sleep(0.2)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def run_case(name: str, inp: str, fmt: str, out: str) -> dict:
@@ -76,6 +39,8 @@ def run_case(name: str, inp: str, fmt: str, out: str) -> dict:
         "items": meta["n_items"],
         "seconds": round(seconds, 2),
         "interactions_per_s": round(meta["n_interactions"] / seconds),
+        "cpu_seconds": round(rss.cpu_seconds, 1),  # driver + Ray processes, robust to others' load
+        "interactions_per_cpu_s": round(meta["n_interactions"] / max(rss.cpu_seconds, 1e-9)),
         "load_avg_1m_after": round(os.getloadavg()[0], 1),  # others' work on a shared box
         "peak_rss_driver_mb": round(rss.peak_driver / 2**20),
         "peak_rss_total_mb": round(rss.peak_total / 2**20),
@@ -117,12 +82,13 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(
         f"\n{'case':<20}{'interactions':>14}{'seconds':>10}{'inter/s':>12}"
-        f"{'RSS MB':>10}{'PSS MB':>10}{'driver MB':>11}"
+        f"{'per CPU-s':>11}{'RSS MB':>10}{'PSS MB':>10}{'driver MB':>11}"
     )
     for r in rows:
         print(
             f"{r['case']:<20}{r['interactions']:>14,}{r['seconds']:>10}"
-            f"{r['interactions_per_s']:>12,}{r['peak_rss_total_mb']:>10,}"
+            f"{r['interactions_per_s']:>12,}{r['interactions_per_cpu_s']:>11,}"
+            f"{r['peak_rss_total_mb']:>10,}"
             f"{r['peak_pss_total_mb']:>10,}{r['peak_rss_driver_mb']:>11,}"
         )
     print(f"(driver + all Ray processes; {result['machine']}) -> {args.out}")
