@@ -16,6 +16,8 @@ and the Adam step.
   uses (``np.float_``...); the runner shims them back before importing RecBole. Setting RecBole up
   switches on autograd anomaly detection: "as shipped" keeps it on, "anomaly off" turns it off
   after the import. Warm-up batches are not timed.
+- fearec-dist, bare: the same epoch loop (``train_one_epoch`` over the real ``TrainFeed``) without
+  Ray, in a child process (``bench/train.py --bare``), on the examples the Ray run prepared.
 - fearec-dist runs through its full Ray path (``fearec-dist train --local``, one worker with all
   ``--threads`` threads, Ray Data feed), two capped epochs of ``--batches`` steps; the second
   epoch's ``samples_per_s`` from ``metrics.csv`` is the number (the first includes warm-up). Its
@@ -205,6 +207,22 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
     }
 
 
+def run_bare(args: argparse.Namespace, work: Path) -> dict:
+    """The same epoch loop without Ray (bench/train.py's child mode) on the examples the Ray run
+    prepared under ``work``: ``--batches`` steps, warm-up included."""
+    cmd = [sys.executable, str(ROOT / "bench" / "train.py"), "--bare", "fearec_official"]
+    cmd += ["--work", str(work), "--steps", str(args.batches), "--threads", str(args.threads)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    if done.returncode:
+        sys.exit(f"[vs_recbole] bare loop failed:\n{done.stderr[-3000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "samples": out["samples"],
+        "seconds": round(out["seconds"], 2),
+        "samples_per_s": round(out["samples"] / out["seconds"], 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=100, help="timed batches per side")
@@ -236,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.skip_ours:
             print("[vs_recbole] fearec-dist (Ray path, 1 worker) ...", flush=True)
             rows.append({"system": "fearec-dist, Ray, 1 worker", **run_ours(args, work)})
+            print("[vs_recbole] fearec-dist (bare epoch loop, no Ray) ...", flush=True)
+            rows.append({"system": "fearec-dist, bare loop", **run_bare(args, work)})
         load_after = os.getloadavg()[0]
     shipped = rows[0]["samples_per_s"]
     for row in rows:

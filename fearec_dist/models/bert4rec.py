@@ -36,6 +36,7 @@ from torch import nn
 from fearec_dist.config import ConfigError
 from fearec_dist.models.layers import (
     SequentialBase,
+    TransformerConfig,
     TransformerEncoder,
     at_least_float32,
     init_weights,
@@ -44,15 +45,9 @@ from fearec_dist.models.layers import (
 
 
 @dataclass
-class BERT4RecConfig:
-    hidden_size: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    inner_size: int = 256  # FFN width
-    hidden_dropout: float = 0.2  # embeddings, residual branches, FFN
-    attn_dropout: float = 0.2  # attention probabilities
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
+class BERT4RecConfig(TransformerConfig):
+    hidden_dropout: float = 0.2  # RecBole's BERT4Rec.yaml
+    attn_dropout: float = 0.2
     mask_ratio: float = 0.2  # per-position mask probability; K = int(mask_ratio · L) slots
     ft_ratio: float = 0.5  # probability that a batch masks only each row's last item
     train_position_zero: bool = False  # pitfall 1: also train a masked position 0
@@ -60,19 +55,11 @@ class BERT4RecConfig:
     keep_first_item: bool = False  # pitfall 4: at prediction, keep s[0] when len < L
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.n_heads:
-            raise ConfigError(
-                f"model.n_heads: hidden_size {self.hidden_size} is not a multiple of {self.n_heads}"
-            )
-        for key in ("hidden_dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"model.{key}: must be in [0, 1), got {getattr(self, key)}")
+        super().__post_init__()
         if not 0.0 < self.mask_ratio <= 1.0:
             raise ConfigError(f"model.mask_ratio: must be in (0, 1], got {self.mask_ratio}")
         if not 0.0 <= self.ft_ratio <= 1.0:
             raise ConfigError(f"model.ft_ratio: must be in [0, 1], got {self.ft_ratio}")
-        if self.n_layers < 1:
-            raise ConfigError(f"model.n_layers: must be >= 1, got {self.n_layers}")
 
     def check_length(self, max_seq_len: int) -> None:
         # RecBole pads labels to K with ``seq[-K:]``; K = 0 would silently keep every slot

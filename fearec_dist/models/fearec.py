@@ -38,6 +38,7 @@ from fearec_dist.models.layers import (
     Dropout,
     FeedForward,
     SequentialBase,
+    TransformerConfig,
     at_least_float32,
     causal_padding_mask,
     dropout,
@@ -53,17 +54,10 @@ FREQ_REG_WEIGHT = 0.1  # hard-coded in the reference (spec §5.4)
 
 
 @dataclass
-class FEARecConfig:
-    """FEARec's keys; defaults are the official repo's (`FEARec.yaml` + `seq.yaml`, spec §7)."""
+class FEARecConfig(TransformerConfig):
+    """FEARec's keys; defaults are the official repo's (`FEARec.yaml` + `seq.yaml`, spec §7).
+    ``attn_dropout`` applies to Branch B's attention probabilities only."""
 
-    hidden_size: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    inner_size: int = 256  # FFN width
-    hidden_dropout: float = 0.5  # embeddings, residual branches, FFN
-    attn_dropout: float = 0.5  # Branch B's attention probabilities only
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
     global_ratio: float = 1.0  # g: band width ratio (§3.2)
     topk_factor: float = 1.0  # k = int(topk_factor * ln L) delays (§3.3)
     dual_domain: bool = False  # Branch B on/off
@@ -79,16 +73,7 @@ class FEARecConfig:
     per_sample_delays_in_training: bool = False  # reference: batch-shared delays in training
 
     def __post_init__(self) -> None:
-        if self.n_heads < 1 or self.hidden_size % self.n_heads:
-            raise ConfigError(
-                f"model.n_heads: hidden_size {self.hidden_size} is not a multiple of {self.n_heads}"
-            )
-        for key in ("hidden_size", "n_layers", "inner_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("hidden_dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"model.{key}: must be in [0, 1), got {getattr(self, key)}")
+        super().__post_init__()
         if not 0.0 < self.global_ratio <= 1.0:
             raise ConfigError(f"model.global_ratio: must be in (0, 1], got {self.global_ratio}")
         if not 0.0 <= self.spatial_ratio <= 1.0:

@@ -9,12 +9,42 @@ Sub-module names follow RecBole's (``query``, ``key``, ``value``, ``dense``, ``L
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fearec_dist.config import ConfigError
+
 MASK_VALUE = -10000.0  # RecBole's additive mask value (not -inf: fully padded rows stay finite)
+
+
+@dataclass
+class TransformerConfig:
+    """The keys every model here shares (RecBole's names: docs/recbole-keys.md). Each model's
+    config extends it; ``__post_init__`` checks these, the subclass's checks its own."""
+
+    hidden_size: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    inner_size: int = 256  # FFN width
+    hidden_dropout: float = 0.5  # embeddings, residual branches, FFN
+    attn_dropout: float = 0.5  # attention probabilities
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_heads < 1 or self.hidden_size % self.n_heads:
+            raise ConfigError(
+                f"model.n_heads: hidden_size {self.hidden_size} is not a multiple of {self.n_heads}"
+            )
+        for key in ("hidden_size", "n_layers", "inner_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("hidden_dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"model.{key}: must be in [0, 1), got {getattr(self, key)}")
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from fearec_dist.models.layers import (
     Dropout,
     FeedForward,
     SequentialBase,
+    TransformerConfig,
     dropout,
     gather_last,
     init_weights,
@@ -35,27 +36,12 @@ from fearec_dist.models.losses import ce_loss
 
 
 @dataclass
-class LightSANsConfig:
-    hidden_size: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
+class LightSANsConfig(TransformerConfig):
     k_interests: int = 5  # latent interests; the RecBole yaml suggests about 0.1 · L
-    inner_size: int = 256  # FFN width
-    hidden_dropout: float = 0.5  # embeddings, residual branches, FFN
     attn_dropout: float = 0.5  # item-to-interest attention probabilities (not G)
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.n_heads:
-            raise ConfigError(
-                f"model.n_heads: hidden_size {self.hidden_size} is not a multiple of {self.n_heads}"
-            )
-        for key in ("hidden_dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"model.{key}: must be in [0, 1), got {getattr(self, key)}")
-        if self.n_layers < 1:
-            raise ConfigError(f"model.n_layers: must be >= 1, got {self.n_layers}")
+        super().__post_init__()
         if self.k_interests < 1:
             raise ConfigError(f"model.k_interests: must be >= 1, got {self.k_interests}")
 

@@ -37,6 +37,7 @@ from torch import nn
 from fearec_dist.config import ConfigError
 from fearec_dist.models.layers import (
     SequentialBase,
+    TransformerConfig,
     TransformerEncoder,
     at_least_float32,
     causal_padding_mask,
@@ -53,15 +54,7 @@ IDLE_IN_FINETUNE = ("feature_embedding", *HEADS)
 
 
 @dataclass
-class S3RecConfig:
-    hidden_size: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    inner_size: int = 256  # FFN width
-    hidden_dropout: float = 0.5  # embeddings, residual branches, FFN
-    attn_dropout: float = 0.5  # attention probabilities
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
+class S3RecConfig(TransformerConfig):
     stage: str = "finetune"  # "pretrain" requires item_attributes (RecBole's yaml says pretrain)
     n_attributes: int = 0  # A; 0 = the largest id in item_attributes
     mask_ratio: float = 0.2  # per-position mask probability in pretraining
@@ -72,15 +65,7 @@ class S3RecConfig:
     pretrain_padding: str = "left"  # "left" = RecBole; "right" = the finetune convention
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.n_heads:
-            raise ConfigError(
-                f"model.n_heads: hidden_size {self.hidden_size} is not a multiple of {self.n_heads}"
-            )
-        for key in ("hidden_dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"model.{key}: must be in [0, 1), got {getattr(self, key)}")
-        if self.n_layers < 1:
-            raise ConfigError(f"model.n_layers: must be >= 1, got {self.n_layers}")
+        super().__post_init__()
         if self.stage not in STAGES:
             raise ConfigError(f"model.stage: must be one of {STAGES}, got {self.stage!r}")
         if self.pretrain_padding not in ("left", "right"):

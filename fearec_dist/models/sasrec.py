@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fearec_dist.config import ConfigError
 from fearec_dist.models.layers import (
     SequentialBase,
+    TransformerConfig,
     TransformerEncoder,
     causal_padding_mask,
     gather_last,
@@ -26,26 +26,8 @@ from fearec_dist.models.losses import ce_loss
 
 
 @dataclass
-class SASRecConfig:
-    hidden_size: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    inner_size: int = 256  # FFN width
-    hidden_dropout: float = 0.5  # embeddings, residual branches, FFN
-    attn_dropout: float = 0.5  # attention probabilities
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
-
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.n_heads:
-            raise ConfigError(
-                f"model.n_heads: hidden_size {self.hidden_size} is not a multiple of {self.n_heads}"
-            )
-        for key in ("hidden_dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"model.{key}: must be in [0, 1), got {getattr(self, key)}")
-        if self.n_layers < 1:
-            raise ConfigError(f"model.n_layers: must be >= 1, got {self.n_layers}")
+class SASRecConfig(TransformerConfig):
+    """SASRec has only the shared transformer keys."""
 
 
 class SASRec(SequentialBase):
