@@ -66,10 +66,10 @@ def build_step(case: str, n_items: int, batch: int, max_seq_len: int) -> Callabl
     fixed random batches."""
     name, _, stage = case.partition(":")
     spec = get_spec(name)
-    inputs = {"_item_attributes": random_attributes(n_items)} if spec.needs_attributes else {}
+    inputs = {"item_attributes": random_attributes(n_items)} if spec.needs_attributes else {}
     torch.manual_seed(0)
     model = build_model(name, n_items=n_items, max_seq_len=max_seq_len, **inputs).train()
-    loss_terms = spec.module.pretrain_loss_terms if stage == "pretrain" else spec.loss_terms
+    loss_terms = spec.pretrain_loss_terms if stage == "pretrain" else spec.loss_terms
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = [random_batch(batch, max_seq_len, n_items, seed) for seed in range(4)]
 

@@ -93,11 +93,11 @@ def bare_child(args: argparse.Namespace) -> None:
         seed=0,
         rank=0,
         window=0,
-        needs_partner=bool(getattr(model, "needs_partner", spec.needs_partner)),
+        needs_partner=spec.needs_partner(model.config),
     )
     optimizer = build_optimizer(model, 1e-3, 0.0)
     device = torch.device("cpu")
-    stats = train_one_epoch(model, spec.loss_terms, feed, 0, optimizer, device, "off", None)
+    stats = train_one_epoch(model, model, spec.loss_terms, feed, 0, optimizer, device, "off", None)
     status = Path("/proc/self/status").read_text().splitlines()
     hwm_kb = int(next(line for line in status if line.startswith("VmHWM")).split()[1])
     print(

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from fearec_dist.config import StorageSection
 from fearec_dist.data.sequences import build_loo_examples
-from fearec_dist.data.sources import read_json, resolve, write_json
+from fearec_dist.storage import read_json, resolve, write_json
 
 EXAMPLES_VERSION = 1
 

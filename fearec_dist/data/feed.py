@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from fearec_dist.config import StorageSection
-from fearec_dist.data.sources import resolve
+from fearec_dist.storage import resolve
 
 SPLIT_FIELDS = ("history", "length", "target", "user")
 DATA_TASK_CPUS = 0.25

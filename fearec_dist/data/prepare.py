@@ -37,7 +37,7 @@ from fearec_dist.config import DataSection, StorageSection
 from fearec_dist.data import attributes as attrs_mod
 from fearec_dist.data import stages
 from fearec_dist.data.errors import DataError
-from fearec_dist.data.sources import (
+from fearec_dist.storage import (
     delete_dir,
     list_children,
     list_files,

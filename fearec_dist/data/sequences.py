@@ -109,7 +109,7 @@ def read_sequences(
     """
     import pyarrow.parquet as pq
 
-    from fearec_dist.data.sources import exists, resolve
+    from fearec_dist.storage import exists, resolve
 
     root = prepared_uri.rstrip("/")
     if not exists(f"{root}/meta.json", storage):

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from fearec_dist.config import DataSection, StorageSection
 from fearec_dist.data.formats import read_any
-from fearec_dist.data.sources import read_bytes
+from fearec_dist.storage import read_bytes
 
 
 class ReadFile:

@@ -80,7 +80,7 @@ def write_synthetic(uri: str, n_files: int = 4, storage=None, **kwargs) -> int:
     """Writes a generated log as ``n_files`` Parquet files under ``uri``; returns the row count."""
     import pyarrow.parquet as pq
 
-    from fearec_dist.data.sources import resolve
+    from fearec_dist.storage import resolve
 
     table = generate_log(**kwargs)
     fs, root = resolve(uri, storage)

@@ -39,9 +39,9 @@ from fearec_dist.models.layers import (
     TransformerConfig,
     TransformerEncoder,
     at_least_float32,
-    init_weights,
     padding_mask,
 )
+from fearec_dist.models.spec import ModelSpec, scores_against
 
 
 @dataclass
@@ -166,24 +166,13 @@ class BERT4Rec(SequentialBase):
         self.config, self.n_items = config, n_items
         self.mask_id = n_items + 1
         self.n_slots = int(c.mask_ratio * max_seq_len)  # K
-        self.trm_encoder = TransformerEncoder(
-            c.n_layers,
-            c.hidden_size,
-            c.n_heads,
-            c.inner_size,
-            c.hidden_dropout,
-            c.attn_dropout,
-            c.layer_norm_eps,
-        )
+        self.trm_encoder = TransformerEncoder.from_config(c)
         self.output_ffn = nn.Linear(c.hidden_size, c.hidden_size)
         self.output_gelu = nn.GELU()
         self.output_ln = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.apply(self._init_weights)
+        self.init_parameters()
         # a plain parameter outside init_weights (RecBole: zeros, one entry per scored row)
         self.output_bias = nn.Parameter(torch.zeros(n_items + 1))
-
-    def _init_weights(self, module: nn.Module) -> None:
-        init_weights(module, self.config.initializer_range)
 
     def encode(self, item_seq: torch.Tensor) -> torch.Tensor:
         """(B, L) input (mask tokens included) -> O (B, L, D) after the output head."""
@@ -211,27 +200,27 @@ class BERT4Rec(SequentialBase):
 
     def item_scores(self, seq_repr: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., V) logits: padding and items, plus ``output_bias``; no mask row."""
-        return seq_repr @ self.item_embedding.weight[: self.n_items + 1].T + self.output_bias
+        return scores_against(seq_repr, *item_table(self))
 
 
 def loss_terms(
-    model: nn.Module, batch: dict[str, torch.Tensor], gather=None
+    model: BERT4Rec, batch: dict[str, torch.Tensor], gather=None, forward=None
 ) -> dict[str, torch.Tensor]:
     """Masked-item CE (baselines.md, BERT4Rec). ``gather`` is unused; ``target`` is not read.
 
     Args:
-        model: BERT4Rec, possibly DDP-wrapped. batch: ``item_seq`` (B, L), ``seq_len`` (B,).
+        model: the bare BERT4Rec; ``forward``: the forward with gradient sync (DDP), default
+            ``model``. batch: ``item_seq`` (B, L), ``seq_len`` (B,).
 
     Returns:
         ``{"loss": ce, "ce": ce.detach()}``: CE summed over labelled slots / their count.
     """
-    m = getattr(model, "module", model)
-    c: BERT4RecConfig = m.config
+    c: BERT4RecConfig = model.config
     masked, labels, index = mask_item_seq(
-        batch["item_seq"], batch["seq_len"], m.mask_id, c.mask_ratio, c.ft_ratio, m.n_slots
+        batch["item_seq"], batch["seq_len"], model.mask_id, c.mask_ratio, c.ft_ratio, model.n_slots
     )
-    out = model(masked, batch["seq_len"], index)  # (B, K, D)
-    logits = at_least_float32(m.item_scores(out))  # (B, K, V)
+    out = (forward or model)(masked, batch["seq_len"], index)  # (B, K, D)
+    logits = at_least_float32(model.item_scores(out))  # (B, K, V)
     ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")  # (B·K,)
     valid = (labels > 0) if c.train_position_zero else (index > 0)
     valid = valid.flatten().to(ce.dtype)
@@ -240,7 +229,13 @@ def loss_terms(
     return {"loss": loss, "ce": loss.detach()}
 
 
-def full_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, V) scores at the appended mask token; column 0 (padding) is left to the caller."""
-    m = getattr(model, "module", model)
-    return m.item_scores(m(batch["item_seq"], batch["seq_len"]))
+def item_table(model: BERT4Rec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The padding and item rows of the tied table (no mask row) and ``output_bias``."""
+    return model.item_embedding.weight[: model.n_items + 1], model.output_bias
+
+
+SPEC = ModelSpec(
+    config_cls=BERT4RecConfig, model_cls=BERT4Rec, loss_terms=loss_terms, item_table=item_table
+)
+
+full_scores = SPEC.full_scores  # (B, V) scores; DESIGN.md: every model module exposes it

@@ -43,9 +43,9 @@ from fearec_dist.models.layers import (
     causal_padding_mask,
     dropout,
     gather_last,
-    init_weights,
 )
 from fearec_dist.models.losses import Candidates, ce_loss, freq_distance
+from fearec_dist.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -351,15 +351,12 @@ class FEARec(SequentialBase):
         )
         self.config, self.n_items = config, n_items
         self.item_encoder = FEAEncoder(c, max_seq_len)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        init_weights(module, self.config.initializer_range)
+        self.init_parameters()
 
     @property
     def needs_partner(self) -> bool:
         """Whether training batches must carry a same-target partner (``pos_seq``)."""
-        return self.config.contrast in ("su", "us", "us_x")
+        return needs_partner(self.config)
 
     def forward(
         self, item_seq: torch.Tensor, lengths: torch.Tensor, n_views: int = 1
@@ -396,12 +393,13 @@ FREQ_PAIRS = {  # fredom_type -> pairs (§5.4)
 
 
 def loss_terms(
-    model: nn.Module, batch: dict[str, torch.Tensor], gather=None
+    model: FEARec, batch: dict[str, torch.Tensor], gather=None, forward=None
 ) -> dict[str, torch.Tensor]:
     """L = ce + lmd·nce + lmd_sem·nce_sem + 0.1·freq for the config's ``contrast`` (§5.3-5.5).
 
     Args:
-        model: FEARec, possibly DDP-wrapped (called directly so DDP's hooks fire).
+        model: the bare FEARec; ``forward``: the forward with gradient sync (the trainer's DDP
+            wrapper, so DDP's hooks fire), default ``model``.
         batch: ``item_seq`` (B, L), ``seq_len`` (B,), ``target`` (B,); ``pos_seq`` (B, L) and
             ``pos_len`` (B,), the same-target partner, when ``needs_partner``.
         gather: cross-worker gather for the InfoNCE candidates (see losses.py), or None.
@@ -410,8 +408,8 @@ def loss_terms(
         ``loss`` (the weighted total) and the unweighted terms present: ``ce``, ``nce``,
         ``nce_sem``, ``freq``. Each is a mean over this worker's rows.
     """
-    m = getattr(model, "module", model)
-    c: FEARecConfig = m.config
+    c: FEARecConfig = model.config
+    forward = forward or model
     pairs = NCE_PAIRS[c.contrast]
     used = {name for pair in pairs.values() for name in pair}
     # every view in one stacked forward (one DDP forward per step, larger matmuls); each row
@@ -424,9 +422,9 @@ def loss_terms(
     }
     seqs = torch.cat([batch[sources[name][0]] for name in names])  # (V·B, L)
     lens = torch.cat([batch[sources[name][1]] for name in names])
-    stacked = model(seqs, lens, n_views=len(names)) if len(names) > 1 else model(seqs, lens)
+    stacked = forward(seqs, lens, n_views=len(names)) if len(names) > 1 else forward(seqs, lens)
     views = dict(zip(names, stacked.chunk(len(names))))  # each (B, D)
-    terms = {"ce": ce_loss(m.item_scores(views["u"]), batch["target"])}
+    terms = {"ce": ce_loss(model.item_scores(views["u"]), batch["target"])}
     if pairs:
         cands = Candidates({name: views[name] for name in sorted(used)}, c.sim, gather)
         for term, (a, b) in pairs.items():
@@ -438,12 +436,6 @@ def loss_terms(
     weights = {"ce": 1.0, "nce": c.lmd, "nce_sem": c.lmd_sem, "freq": FREQ_REG_WEIGHT}
     total = sum(weights[name] * value for name, value in terms.items())
     return {"loss": total, **terms}
-
-
-def full_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, V) logits against the tied item table; column 0 (padding) is left to the caller."""
-    m = getattr(model, "module", model)
-    return m.item_scores(m(batch["item_seq"], batch["seq_len"]))
 
 
 PRESETS = {
@@ -469,3 +461,19 @@ PRESETS = {
 }
 # the paper presents the frequency regulariser as part of FEARec (spec §7)
 PRESETS["fearec_paper"] = PRESETS["fearec_official"] | {"freq_reg": True, "freq_reg_pairs": "us_x"}
+
+
+def needs_partner(config: FEARecConfig) -> bool:
+    """Whether training batches must carry a same-target partner (``pos_seq``)."""
+    return config.contrast in ("su", "us", "us_x")
+
+
+SPEC = ModelSpec(
+    config_cls=FEARecConfig,
+    model_cls=FEARec,
+    loss_terms=loss_terms,
+    needs_partner=needs_partner,
+    presets=PRESETS,
+)
+
+full_scores = SPEC.full_scores  # (B, V) scores; DESIGN.md: every model module exposes it

@@ -235,6 +235,19 @@ class TransformerEncoder(nn.Module):
             for _ in range(n_layers)
         )
 
+    @classmethod
+    def from_config(cls, c: TransformerConfig) -> TransformerEncoder:
+        """The encoder a model's shared transformer keys describe."""
+        return cls(
+            c.n_layers,
+            c.hidden_size,
+            c.n_heads,
+            c.inner_size,
+            c.hidden_dropout,
+            c.attn_dropout,
+            c.layer_norm_eps,
+        )
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         for layer in self.layer:
             x = layer(x, mask)
@@ -257,6 +270,11 @@ class SequentialBase(nn.Module):
         self.position_embedding = nn.Embedding(max_seq_len, hidden)
         self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
         self.dropout = Dropout(dropout_p)
+
+    def init_parameters(self) -> None:
+        """RecBole's init over every sub-module (``init_weights`` at ``initializer_range``);
+        a model calls it at the end of its ``__init__``, once ``self.config`` is set."""
+        self.apply(lambda module: init_weights(module, self.config.initializer_range))
 
     def embed(self, item_seq: torch.Tensor) -> torch.Tensor:
         pos = self.position_embedding.weight[: item_seq.shape[1]]  # (L, D)

@@ -30,9 +30,9 @@ from fearec_dist.models.layers import (
     TransformerConfig,
     dropout,
     gather_last,
-    init_weights,
 )
 from fearec_dist.models.losses import ce_loss
+from fearec_dist.models.spec import ModelSpec
 
 
 @dataclass
@@ -193,10 +193,7 @@ class LightSANs(SequentialBase):
             c.attn_dropout,
             c.layer_norm_eps,
         )
-        self.apply(self._init_weights)  # θ is a bare Parameter: it keeps its randn init
-
-    def _init_weights(self, module: nn.Module) -> None:
-        init_weights(module, self.config.initializer_range)
+        self.init_parameters()  # θ is a bare Parameter: it keeps its randn init
 
     def embed(self, item_seq: torch.Tensor) -> torch.Tensor:
         """X0 = Drop(LN(E_item[s])): no position at the input (§1); positions go to each layer."""
@@ -210,23 +207,22 @@ class LightSANs(SequentialBase):
 
 
 def loss_terms(
-    model: nn.Module, batch: dict[str, torch.Tensor], gather=None
+    model: LightSANs, batch: dict[str, torch.Tensor], gather=None, forward=None
 ) -> dict[str, torch.Tensor]:
     """Full-softmax CE over all V rows (§3). ``gather`` is unused (no contrastive term).
 
     Args:
-        model: LightSANs, possibly DDP-wrapped. batch: ``item_seq`` (B, L), ``seq_len`` (B,),
-            ``target`` (B,).
+        model: the bare LightSANs; ``forward``: the forward with gradient sync (DDP), default
+            ``model``. batch: ``item_seq`` (B, L), ``seq_len`` (B,), ``target`` (B,).
 
     Returns:
         ``{"loss": ce, "ce": ce.detach()}``, the mean over this worker's rows.
     """
-    seq_repr = model(batch["item_seq"], batch["seq_len"])  # (B, D)
-    ce = ce_loss(getattr(model, "module", model).item_scores(seq_repr), batch["target"])
+    seq_repr = (forward or model)(batch["item_seq"], batch["seq_len"])  # (B, D)
+    ce = ce_loss(model.item_scores(seq_repr), batch["target"])
     return {"loss": ce, "ce": ce.detach()}
 
 
-def full_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, V) logits against the tied item table; column 0 (padding) is left to the caller."""
-    m = getattr(model, "module", model)
-    return m.item_scores(m(batch["item_seq"], batch["seq_len"]))
+SPEC = ModelSpec(config_cls=LightSANsConfig, model_cls=LightSANs, loss_terms=loss_terms)
+
+full_scores = SPEC.full_scores  # (B, V) scores; DESIGN.md: every model module exposes it

@@ -42,20 +42,17 @@ from fearec_dist.models.layers import (
     at_least_float32,
     causal_padding_mask,
     gather_last,
-    init_weights,
     padding_mask,
 )
 from fearec_dist.models.losses import ce_loss
+from fearec_dist.models.spec import ModelSpec
 
-NEEDS_ATTRIBUTES = True
-STAGES = ("pretrain", "finetune")
 HEADS = ("aap_norm", "mip_norm", "map_norm", "sp_norm")
 IDLE_IN_FINETUNE = ("feature_embedding", *HEADS)
 
 
 @dataclass
 class S3RecConfig(TransformerConfig):
-    stage: str = "finetune"  # "pretrain" requires item_attributes (RecBole's yaml says pretrain)
     n_attributes: int = 0  # A; 0 = the largest id in item_attributes
     mask_ratio: float = 0.2  # per-position mask probability in pretraining
     aap_weight: float = 0.2  # RecBole yaml and original code (the doc page's 1.0 is wrong)
@@ -66,8 +63,6 @@ class S3RecConfig(TransformerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.stage not in STAGES:
-            raise ConfigError(f"model.stage: must be one of {STAGES}, got {self.stage!r}")
         if self.pretrain_padding not in ("left", "right"):
             raise ConfigError(
                 f"model.pretrain_padding: must be 'left' or 'right', got {self.pretrain_padding!r}"
@@ -196,28 +191,15 @@ class S3Rec(SequentialBase):
             self.register_buffer("attribute_ids", ids, persistent=False)  # (n_items + 1, W)
         else:
             self.register_buffer("attribute_ids", None, persistent=False)
-        if c.stage == "pretrain" and item_attributes is None:
-            raise ConfigError(missing_attributes_message())
         self.n_attributes = n_attributes
-        self.trm_encoder = TransformerEncoder(
-            c.n_layers,
-            c.hidden_size,
-            c.n_heads,
-            c.inner_size,
-            c.hidden_dropout,
-            c.attn_dropout,
-            c.layer_norm_eps,
-        )
+        self.trm_encoder = TransformerEncoder.from_config(c)
         # declared with padding_idx 0 like RecBole, but only .weight is used: row 0 trains
         self.feature_embedding = (
             nn.Embedding(n_attributes, c.hidden_size, padding_idx=0) if n_attributes else None
         )
         for name in HEADS:
             setattr(self, name, nn.Linear(c.hidden_size, c.hidden_size))
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        init_weights(module, self.config.initializer_range)
+        self.init_parameters()
 
     def attribute_targets(
         self, items: torch.Tensor, dtype: torch.dtype = torch.float32
@@ -247,7 +229,7 @@ def missing_attributes_message() -> str:
 
 
 def pretrain_objectives(
-    model: nn.Module, parts: dict[str, torch.Tensor]
+    model: S3Rec, parts: dict[str, torch.Tensor], forward=None
 ) -> dict[str, torch.Tensor]:
     """The four §4 sums for a built pretraining batch (see `build_pretrain_batch`).
 
@@ -257,98 +239,94 @@ def pretrain_objectives(
     Returns:
         ``aap``, ``mip``, ``map``, ``sp``: unweighted sums (scalars).
     """
-    m = getattr(model, "module", model)
     masked, pos, neg = parts["masked"], parts["pos"], parts["neg"]
     B = masked.shape[0]
     stacked = torch.cat([masked, parts["masked_seg"], parts["pos_seg"], parts["neg_seg"]])
-    hidden = at_least_float32(model(stacked, None, pretrain=True))  # (4B, L, D)
+    hidden = at_least_float32((forward or model)(stacked, None, pretrain=True))  # (4B, L, D)
     h = hidden[:B]  # (B, L, D)
-    w_attr = m.feature_embedding.weight  # (A, D)
-    features = m.attribute_targets(pos, h.dtype)  # (B, L, A)
-    is_mask = masked == m.mask_id
+    w_attr = model.feature_embedding.weight  # (A, D)
+    features = model.attribute_targets(pos, h.dtype)  # (B, L, A)
+    is_mask = masked == model.mask_id
     unmasked = ~is_mask & (masked != 0)
 
     def attr_bce(head: nn.Module) -> torch.Tensor:  # (B, L) summed over attributes
         logits = head(h) @ w_attr.T  # (B, L, A)
         return F.binary_cross_entropy_with_logits(logits, features, reduction="none").sum(-1)
 
-    mip_h = m.mip_norm(h)  # (B, L, D)
-    p_pos = ((mip_h * m.item_embedding(pos)).sum(-1)).sigmoid()  # (B, L)
-    p_neg = ((mip_h * m.item_embedding(neg)).sum(-1)).sigmoid()
+    mip_h = model.mip_norm(h)  # (B, L, D)
+    p_pos = ((mip_h * model.item_embedding(pos)).sum(-1)).sigmoid()  # (B, L)
+    p_neg = ((mip_h * model.item_embedding(neg)).sum(-1)).sigmoid()
     rows = torch.arange(B, device=masked.device)
     ctx, g_pos, g_neg = (hidden[i * B : (i + 1) * B][rows, parts["last"]] for i in (1, 2, 3))
-    sp_ctx = m.sp_norm(ctx)  # (B, D)
+    sp_ctx = model.sp_norm(ctx)  # (B, D)
     q_pos = (sp_ctx * g_pos).sum(-1).sigmoid()  # (B,)
     q_neg = (sp_ctx * g_neg).sum(-1).sigmoid()
     return {
-        "aap": (attr_bce(m.aap_norm) * unmasked).sum(),
+        "aap": (attr_bce(model.aap_norm) * unmasked).sum(),
         "mip": (F.softplus(p_neg - p_pos) * is_mask).sum(),  # -log σ(p⁺ - p⁻)
-        "map": (attr_bce(m.map_norm) * is_mask).sum(),
+        "map": (attr_bce(model.map_norm) * is_mask).sum(),
         "sp": F.softplus(q_neg - q_pos).sum(),
     }
 
 
 def pretrain_loss_terms(
-    model: nn.Module, batch: dict[str, torch.Tensor], gather=None
+    model: S3Rec, batch: dict[str, torch.Tensor], gather=None, forward=None
 ) -> dict[str, torch.Tensor]:
     """L_pre = aap_weight·AAP + mip_weight·MIP + map_weight·MAP + sp_weight·SP (§4).
 
     Args:
-        model: S3Rec with item attributes, possibly DDP-wrapped. batch: ``item_seq`` (B, L)
-            right-padded, ``seq_len`` (B,); ``target`` is not used. ``gather`` is unused.
+        model: the bare S3Rec, with item attributes; ``forward``: the forward with gradient sync
+            (DDP), default ``model``. batch: ``item_seq`` (B, L) right-padded, ``seq_len`` (B,);
+            ``target`` is not used. ``gather`` is unused.
 
     Returns:
         ``loss`` (the weighted sum) and the detached sums ``aap``, ``mip``, ``map``, ``sp``.
     """
-    m = getattr(model, "module", model)
-    c: S3RecConfig = m.config
-    if m.attribute_ids is None:
+    c: S3RecConfig = model.config
+    if model.attribute_ids is None:
         raise ConfigError(missing_attributes_message())
     parts = build_pretrain_batch(
-        batch["item_seq"], batch["seq_len"], m.mask_id, c.mask_ratio, c.pretrain_padding == "left"
+        batch["item_seq"],
+        batch["seq_len"],
+        model.mask_id,
+        c.mask_ratio,
+        c.pretrain_padding == "left",
     )
-    terms = pretrain_objectives(model, parts)
+    terms = pretrain_objectives(model, parts, forward)
     weights = {"aap": c.aap_weight, "mip": c.mip_weight, "map": c.map_weight, "sp": c.sp_weight}
     total = sum(weights[k] * v for k, v in terms.items())
     return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
 
 
 def loss_terms(
-    model: nn.Module, batch: dict[str, torch.Tensor], gather=None
+    model: S3Rec, batch: dict[str, torch.Tensor], gather=None, forward=None
 ) -> dict[str, torch.Tensor]:
     """Finetune: CE over all V' rows, the mask row included as in RecBole (§5).
 
     Args:
-        model: S3Rec, possibly DDP-wrapped. batch: ``item_seq`` (B, L), ``seq_len`` (B,),
-            ``target`` (B,). ``gather`` is unused.
+        model: the bare S3Rec; ``forward``: the forward with gradient sync (DDP), default
+            ``model``. batch: ``item_seq`` (B, L), ``seq_len`` (B,), ``target`` (B,). ``gather``
+            is unused.
 
     Returns:
         ``{"loss": ce, "ce": ce.detach()}``, the mean over this worker's rows.
     """
-    m = getattr(model, "module", model)
-    seq_repr = model(batch["item_seq"], batch["seq_len"])  # (B, D)
-    ce = ce_loss(m.item_scores(seq_repr), batch["target"])
+    seq_repr = (forward or model)(batch["item_seq"], batch["seq_len"])  # (B, D)
+    ce = ce_loss(model.item_scores(seq_repr), batch["target"])
     # the feature embedding and the four heads take no part in finetuning, but DDP (built
     # without find_unused_parameters) needs every parameter in the graph: add them with weight 0
-    idle = [p.sum() for n, p in m.named_parameters() if n.split(".")[0] in IDLE_IN_FINETUNE]
+    idle = [p.sum() for n, p in model.named_parameters() if n.split(".")[0] in IDLE_IN_FINETUNE]
     loss = ce + 0.0 * torch.stack(idle).sum() if idle else ce
     return {"loss": loss, "ce": ce.detach()}
 
 
-def full_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, n_items + 1) finetune scores, mask row dropped; column 0 is left to the caller."""
-    m = getattr(model, "module", model)
-    return m(batch["item_seq"], batch["seq_len"]) @ m.item_embedding.weight[: m.n_items + 1].T
-
-
-def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def encoder_state_dict(model: S3Rec) -> dict[str, torch.Tensor]:
     """The pretrained weights to carry into finetuning: the whole model's state dict, as
     RecBole saves it (embeddings incl. the mask row, feature embedding, encoder, heads)."""
-    m = getattr(model, "module", model)
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+def load_pretrained(model: S3Rec, state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Loads a pretrained S3Rec state dict into ``model`` (the finetune start, §5).
 
     RecBole loads strictly. Here every key of the model must be present with the same shape
@@ -361,8 +339,7 @@ def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> li
     Raises:
         ConfigError: naming the missing, unexpected or mis-shaped key.
     """
-    m = getattr(model, "module", model)
-    own = m.state_dict()
+    own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own) - {"feature_embedding.weight"})
     if missing or unexpected:
@@ -377,5 +354,21 @@ def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> li
                 f"pretrained state, {tuple(value.shape)} here: pretrain and finetune must use "
                 "the same dataset, max_seq_len, hidden size and attribute vocabulary"
             )
-    m.load_state_dict({k: state_dict[k] for k in own})
+    model.load_state_dict({k: state_dict[k] for k in own})
     return sorted(own)
+
+
+SPEC = ModelSpec(
+    config_cls=S3RecConfig,
+    model_cls=S3Rec,
+    loss_terms=loss_terms,
+    pretrain_loss_terms=pretrain_loss_terms,
+    needs_attributes=True,
+    load_pretrained=load_pretrained,
+    removed_keys={
+        "stage": "the stage is train.stage (the CLI's --stage pretrain|finetune); "
+        "delete model.stage from the config"
+    },
+)
+
+full_scores = SPEC.full_scores  # (B, V) scores; DESIGN.md: every model module exposes it

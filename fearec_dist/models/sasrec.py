@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from fearec_dist.models.layers import (
     SequentialBase,
@@ -20,9 +19,9 @@ from fearec_dist.models.layers import (
     TransformerEncoder,
     causal_padding_mask,
     gather_last,
-    init_weights,
 )
 from fearec_dist.models.losses import ce_loss
+from fearec_dist.models.spec import ModelSpec
 
 
 @dataclass
@@ -45,19 +44,8 @@ class SASRec(SequentialBase):
             n_items + 1, max_seq_len, c.hidden_size, c.hidden_dropout, c.layer_norm_eps
         )
         self.config, self.n_items = config, n_items
-        self.trm_encoder = TransformerEncoder(
-            c.n_layers,
-            c.hidden_size,
-            c.n_heads,
-            c.inner_size,
-            c.hidden_dropout,
-            c.attn_dropout,
-            c.layer_norm_eps,
-        )
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        init_weights(module, self.config.initializer_range)
+        self.trm_encoder = TransformerEncoder.from_config(c)
+        self.init_parameters()
 
     def forward(self, item_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """item_seq (B, L) right-padded, lengths (B,) -> seq_repr (B, D) at position len - 1."""
@@ -66,23 +54,22 @@ class SASRec(SequentialBase):
 
 
 def loss_terms(
-    model: nn.Module, batch: dict[str, torch.Tensor], gather=None
+    model: SASRec, batch: dict[str, torch.Tensor], gather=None, forward=None
 ) -> dict[str, torch.Tensor]:
     """Full-softmax CE (baselines.md). ``gather`` is unused (no contrastive term).
 
     Args:
-        model: SASRec, possibly DDP-wrapped. batch: ``item_seq`` (B, L), ``seq_len`` (B,),
-            ``target`` (B,).
+        model: the bare SASRec; ``forward``: the forward with gradient sync (DDP), default
+            ``model``. batch: ``item_seq`` (B, L), ``seq_len`` (B,), ``target`` (B,).
 
     Returns:
         ``{"loss": ce, "ce": ce}``, the mean over this worker's rows.
     """
-    seq_repr = model(batch["item_seq"], batch["seq_len"])  # (B, D)
-    ce = ce_loss(getattr(model, "module", model).item_scores(seq_repr), batch["target"])
+    seq_repr = (forward or model)(batch["item_seq"], batch["seq_len"])  # (B, D)
+    ce = ce_loss(model.item_scores(seq_repr), batch["target"])
     return {"loss": ce, "ce": ce}
 
 
-def full_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, V) logits against the tied item table; column 0 (padding) is left to the caller."""
-    m = getattr(model, "module", model)
-    return m.item_scores(m(batch["item_seq"], batch["seq_len"]))
+SPEC = ModelSpec(config_cls=SASRecConfig, model_cls=SASRec, loss_terms=loss_terms)
+
+full_scores = SPEC.full_scores  # (B, V) scores; DESIGN.md: every model module exposes it

@@ -66,7 +66,7 @@ def load_state_uri(uri: str, storage: Any = None) -> dict[str, Any]:
 
     import pyarrow.fs as pafs
 
-    from fearec_dist.data.sources import resolve
+    from fearec_dist.storage import resolve
 
     fs, path = resolve(uri, storage)
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +100,7 @@ def latest_checkpoint(uri: str, storage: Any = None) -> str:
     """
     import pyarrow.fs as pafs
 
-    from fearec_dist.data.sources import resolve
+    from fearec_dist.storage import resolve
 
     fs, path = resolve(uri, storage)
     if fs.get_file_info(f"{path}/{STATE_FILE}").type == pafs.FileType.File:

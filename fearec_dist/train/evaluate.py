@@ -19,7 +19,7 @@ from fearec_dist.train.loop import evaluate, model_inputs
 
 
 def iter_split(uri: str, batch_size: int, storage: StorageSection) -> Iterator[pa.Table]:
-    from fearec_dist.data.sources import resolve
+    from fearec_dist.storage import resolve
 
     fs, root = resolve(uri, storage)
     for rb in pads.dataset(root, filesystem=fs, format="parquet").to_batches(batch_size=batch_size):

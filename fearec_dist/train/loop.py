@@ -115,6 +115,7 @@ def _test_kill_hook(epoch: int, step: int, rank: int) -> None:
 
 def train_one_epoch(
     model: torch.nn.Module,
+    module: torch.nn.Module,
     loss_terms: Any,
     feed: TrainFeed,
     epoch: int,
@@ -132,7 +133,7 @@ def train_one_epoch(
         _test_kill_hook(epoch, steps, feed.rank)
         batch = _to_device(batch_np, device)
         with autocast_for(device, amp):
-            terms = loss_terms(model, batch, gather=gather)
+            terms = loss_terms(module, batch, gather=gather, forward=model)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
@@ -219,7 +220,7 @@ def train_func(config: dict[str, Any]) -> None:
         **cfg.model.params,
         **model_inputs(spec, cfg, info),
     ).to(device)
-    loss_fn = stage_loss(spec, cfg.train.stage)
+    loss_fn = spec.stage_loss(cfg.train.stage)
     if cfg.train.stage == "finetune" and ray.train.get_checkpoint() is None:
         start_from_pretrained(spec, model, cfg)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
@@ -255,7 +256,7 @@ def train_func(config: dict[str, Any]) -> None:
         seed=cfg.train.seed,
         rank=rank,
         window=cfg.train.shuffle_window,
-        needs_partner=_needs_partner(spec, module),
+        needs_partner=spec.needs_partner(module.config),
     )
     valid_shard = ray.train.get_dataset_shard("valid")
     test_shard = ray.train.get_dataset_shard("test")
@@ -279,7 +280,7 @@ def train_func(config: dict[str, Any]) -> None:
     # [3] epochs
     for epoch in range(progress.epoch, cfg.train.epochs):
         stats = train_one_epoch(
-            model, loss_fn, feed, epoch, optimizer, device, cfg.train.amp, gather
+            model, module, loss_fn, feed, epoch, optimizer, device, cfg.train.amp, gather
         )
         row: dict[str, Any] = {"epoch": epoch + 1}
         row |= {k: v for k, v in stats.items() if k.startswith("train/")}
@@ -330,16 +331,7 @@ def model_inputs(spec: Any, cfg: ExperimentConfig, info: dict[str, Any]) -> dict
             f"{info['prepared_uri']} has none: prepare it with --attributes (RecBole .item file "
             "or item2attributes.json), or set data.attributes"
         )
-    return {"_item_attributes": table}
-
-
-def stage_loss(spec: Any, stage: str) -> Any:
-    if stage != "pretrain":
-        return spec.loss_terms
-    fn = getattr(spec.module, "pretrain_loss_terms", None)
-    if fn is None:
-        raise ValueError(f"train.stage: model {spec.name!r} has no pretraining stage")
-    return fn
+    return {"item_attributes": table}
 
 
 def start_from_pretrained(spec: Any, model: torch.nn.Module, cfg: ExperimentConfig) -> None:
@@ -347,11 +339,10 @@ def start_from_pretrained(spec: Any, model: torch.nn.Module, cfg: ExperimentConf
     if cfg.train.pretrained:
         source = ckpt.latest_checkpoint(cfg.train.pretrained, cfg.data.storage)
         state = ckpt.load_state_uri(source, cfg.data.storage)
-        load = getattr(spec.module, "load_pretrained", None)
-        if load is None:
+        if spec.load_pretrained is None:
             model.load_state_dict(state["model"], strict=False)
         else:
-            load(model, state["model"])
+            spec.load_pretrained(model, state["model"])
         say(f"[fearec-dist] finetuning from the pretrained encoder in {source}")
         return
     if not cfg.train.allow_scratch:
@@ -361,11 +352,6 @@ def start_from_pretrained(spec: Any, model: torch.nn.Module, cfg: ExperimentConf
             "train.pretrained, or set train.allow_scratch=true to finetune from scratch."
         )
     say("[fearec-dist] finetuning from scratch (train.allow_scratch=true)")
-
-
-def _needs_partner(spec: Any, module: torch.nn.Module) -> bool:
-    """Whether batches carry a same-target partner: the built model knows (FEARec's contrast)."""
-    return bool(getattr(module, "needs_partner", spec.needs_partner))
 
 
 def _device(use_gpu: bool) -> torch.device:

@@ -17,7 +17,7 @@ from fearec_dist.config import StorageSection
 
 
 def _write_bytes(uri: str, data: bytes, storage: StorageSection | None) -> None:
-    from fearec_dist.data.sources import resolve
+    from fearec_dist.storage import resolve
 
     fs, path = resolve(uri, storage or StorageSection())
     parent = path.rsplit("/", 1)[0]

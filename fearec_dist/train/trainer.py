@@ -45,7 +45,7 @@ def ensure_prepared(cfg: ExperimentConfig, progress: bool = True) -> str:
             raise ValueError("data.path is empty: name a prepared dataset or raw input")
         return data.path
     from fearec_dist.data.prepare import prepare_dataset
-    from fearec_dist.data.sources import exists
+    from fearec_dist.storage import exists
 
     skip = ("storage", "max_seq_len", "n_buckets")
     key = json.dumps({k: v for k, v in data.__dict__.items() if k not in skip}, default=str)
@@ -99,7 +99,7 @@ def _uneven_data_config() -> Any:
 def _storage_filesystem(uri: str, storage: StorageSection) -> Any:
     if "://" not in uri or uri.startswith("file://"):
         return None
-    from fearec_dist.data.sources import resolve
+    from fearec_dist.storage import resolve
 
     return resolve(uri, storage)[0]
 
@@ -235,7 +235,7 @@ def training_error(err: BaseException, cfg: ExperimentConfig, run_dir: str) -> E
     client's bounded retries and Ray's ``max_failures`` restarts), anything else keeps the
     workers' report under a one-line summary."""
     from fearec_dist.data.errors import DataError
-    from fearec_dist.data.sources import (
+    from fearec_dist.storage import (
         CONNECT_TIMEOUT_S,
         MAX_ATTEMPTS,
         endpoint_of,
@@ -264,8 +264,8 @@ def run_training(cfg: ExperimentConfig, mode: str = "local") -> dict[str, Any]:
     """Trains ``cfg`` in ``mode`` and returns the run's ``results.json`` content."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
-    from fearec_dist.data.sources import read_json
     from fearec_dist.models import validate_model_section
+    from fearec_dist.storage import read_json
 
     validate_model_section(cfg.model.name, cfg.model.params, cfg.data.max_seq_len)
     started = init_ray(mode, cfg)

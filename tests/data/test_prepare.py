@@ -15,7 +15,7 @@ from fearec_dist.data import prepare as prepare_mod
 from fearec_dist.data.errors import DataError
 from fearec_dist.data.prepare import format_summary, prepare_dataset
 from fearec_dist.data.sequences import read_sequences
-from fearec_dist.data.sources import read_json, resolve
+from fearec_dist.storage import read_json, resolve
 from tests.conftest import shared_dataset
 
 pytestmark = pytest.mark.slow

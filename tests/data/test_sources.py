@@ -8,7 +8,7 @@ import pytest
 
 from fearec_dist.config import StorageSection
 from fearec_dist.data.errors import DataError
-from fearec_dist.data.sources import (
+from fearec_dist.storage import (
     exists,
     fsspec_filesystem,
     list_children,

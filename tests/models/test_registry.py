@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from fearec_dist.config import ConfigError
-from fearec_dist.models import build_model, get_spec, model_names, validate_model_section
+from fearec_dist.models import (
+    build_config,
+    build_model,
+    get_spec,
+    model_names,
+    validate_model_section,
+)
 from fearec_dist.models.fearec import FEARec, FEARecConfig
 from fearec_dist.models.sasrec import SASRec
 
@@ -24,8 +30,10 @@ def test_presets_resolve_to_their_model() -> None:
     assert paper.freq_reg and paper.freq_reg_pairs == "us_x"
     assert isinstance(build_model("sasrec", n_items=10, max_seq_len=50), SASRec)
     spec = get_spec("fearec_official")
-    assert spec.model_cls is FEARec and spec.config_cls is FEARecConfig and spec.needs_partner
-    assert not get_spec("sasrec").needs_partner and not get_spec("sasrec").needs_attributes
+    assert spec.model_cls is FEARec and spec.config_cls is FEARecConfig
+    assert spec.needs_partner(official.config) and spec.name == "fearec_official"
+    sasrec = get_spec("sasrec")
+    assert not sasrec.needs_partner(build_config("sasrec", {})) and not sasrec.needs_attributes
 
 
 def test_item_table_has_padding_row() -> None:

@@ -50,9 +50,9 @@ def attrs_of(item: int) -> set[int]:
 
 def toy_model(stage: str = "pretrain", seed: int = 0, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
-    args = dict(hidden_size=8, inner_size=16, stage=stage) | kw
+    args = dict(hidden_size=8, inner_size=16) | kw  # the stage is the loss used (train.stage)
     return build_model(
-        "s3rec", n_items=N_ITEMS, max_seq_len=L, _item_attributes=attribute_table(), **args
+        "s3rec", n_items=N_ITEMS, max_seq_len=L, item_attributes=attribute_table(), **args
     )
 
 
@@ -159,7 +159,7 @@ def test_pretrain_loss_is_the_weighted_sum() -> None:
     want = 0.3 * terms["aap"] + 0.7 * terms["mip"] + 1.1 * terms["map"] + 0.5 * terms["sp"]
     torch.testing.assert_close(out["loss"], want)
     assert set(out) == {"loss", "aap", "mip", "map", "sp"} and not out["aap"].requires_grad
-    assert get_spec("s3rec").needs_attributes and get_spec("s3rec").module.pretrain_loss_terms
+    assert get_spec("s3rec").needs_attributes and get_spec("s3rec").pretrain_loss_terms
 
 
 def test_attribute_inputs_and_errors() -> None:
@@ -169,7 +169,7 @@ def test_attribute_inputs_and_errors() -> None:
         for a in attrs_of(item):
             hot[item, a - 1] = True
     torch.manual_seed(0)
-    multi = build_model("s3rec", n_items=N_ITEMS, max_seq_len=L, _item_attributes=hot)
+    multi = build_model("s3rec", n_items=N_ITEMS, max_seq_len=L, item_attributes=hot)
     items = torch.tensor([[0, 1, 2, 7]])
     torch.testing.assert_close(ids.attribute_targets(items), multi.attribute_targets(items))
     assert ids.attribute_targets(items)[0].tolist() == [
@@ -179,14 +179,14 @@ def test_attribute_inputs_and_errors() -> None:
         [0, 0, 0, 1],
     ]
     assert ids.n_attributes == A and ids.feature_embedding.weight.shape == (A, 8)
-    with pytest.raises(ConfigError, match="needs item attributes.*item_attributes"):
+    with pytest.raises(ConfigError, match=r"model\.stage.*train\.stage.*--stage"):
         build_model("s3rec", n_items=N_ITEMS, max_seq_len=L, stage="pretrain")
     plain = build_model("s3rec", n_items=N_ITEMS, max_seq_len=L)  # finetune needs none
     batch = {"item_seq": items, "seq_len": torch.tensor([4])}
     with pytest.raises(ConfigError, match="needs item attributes"):
         pretrain_loss_terms(plain, batch)
     with pytest.raises(ConfigError, match="rows"):
-        build_model("s3rec", n_items=N_ITEMS + 1, max_seq_len=L, _item_attributes=hot)
+        build_model("s3rec", n_items=N_ITEMS + 1, max_seq_len=L, item_attributes=hot)
     with pytest.raises(ConfigError, match="model.stage"):
         build_model("s3rec", n_items=N_ITEMS, max_seq_len=L, stage="both")
 

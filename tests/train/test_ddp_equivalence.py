@@ -47,7 +47,9 @@ def _model() -> torch.nn.Module:
 
 def _step(model, batch, gather) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    terms = get_spec(MODEL).loss_terms(model, batch, gather=gather)
+    # the trainer's call: the bare module for attributes, the DDP wrapper for the forward
+    module = getattr(model, "module", model)
+    terms = get_spec(MODEL).loss_terms(module, batch, gather=gather, forward=model)
     opt.zero_grad()
     terms["loss"].backward()
     opt.step()
