@@ -59,7 +59,7 @@ def main() -> None:
     import ray
 
     from fearec_dist.data.synthetic import write_synthetic
-    from fearec_dist.train.trainer import start_local_ray
+    from fearec_dist.launch import start_local_ray
 
     start_local_ray(os.cpu_count() or 2)
     rows = []

@@ -63,17 +63,17 @@ def bare_child(args: argparse.Namespace) -> None:
     import torch
 
     from fearec_dist.config import load_config
+    from fearec_dist.data.datasets import prepare_run
     from fearec_dist.data.feed import TrainFeed, read_examples_table
     from fearec_dist.models import build_model, get_spec
     from fearec_dist.train.loop import build_optimizer, train_one_epoch
-    from fearec_dist.train.trainer import prepare_run
 
     torch.set_num_threads(args.threads)
     cfg = load_config(None, [*data_overrides(Path(args.work)), f"model.name={args.bare}"])
     _, info = prepare_run(cfg)
     buckets = []
     for b in info["buckets"]:
-        rows = read_examples_table(b["paths"], cfg.data.storage)
+        rows = read_examples_table(b["paths"], cfg.storage)
         rows["bucket"] = np.full(len(rows["target"]), b["bucket"], dtype=np.int32)
         buckets.append(rows)
 
@@ -182,7 +182,8 @@ def main() -> None:
     import ray
 
     from fearec_dist.config import load_config
-    from fearec_dist.train.trainer import prepare_run, start_local_ray
+    from fearec_dist.data.datasets import prepare_run
+    from fearec_dist.launch import start_local_ray
 
     rows = []
     load_before = os.getloadavg()[0]

@@ -1,4 +1,4 @@
-"""Command line: argparse -> config -> one call into data/, train/ or tune. Nothing else.
+"""Command line: argparse -> config (validated once, here) -> one call into data/, train/ or tune.
 
 fearec-dist prepare --input URI --format {parquet,csv,atomic,seqtxt,synthetic} --output URI
 fearec-dist train --config F [--set section.key=value ...] [--local | --debug] [--workers N]
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fearec_dist.config import ConfigError, ExperimentConfig, load_config
+from fearec_dist.config import ConfigError, ExperimentConfig, add_set_argument, load_config
 from fearec_dist.train.trainer import TrainingFailed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,13 +38,8 @@ S3 credentials come from the standard AWS environment variables or the instance 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="experiment YAML (see README: config)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key, e.g. --set train.lr=1e-4 (repeatable; value parsed as YAML)",
+    add_set_argument(
+        p, "override one config key, e.g. --set train.lr=1e-4 (repeatable; value parsed as YAML)"
     )
 
 
@@ -119,11 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="prepare synthetic data and train FEARec locally (make demo)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="defaults to jobs/configs/demo.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
+    add_set_argument(p, "config override")
     return parser
 
 
 def _train_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The command's config, validated once, model section included, before Ray starts."""
     extra: dict[str, Any] = {}
     if getattr(args, "workers", None) is not None:
         extra.setdefault("run", {})["workers"] = args.workers

@@ -29,8 +29,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class StorageSection:
-    """Object-storage options, shared by data and run outputs. Credentials come from the standard
-    AWS env vars (or the instance role); they are never part of the config."""
+    """Object-storage options (the top-level ``storage:`` section), serving everything that is
+    read or written: data, run outputs, checkpoints and sweep outputs. ``data.storage`` is an
+    alias kept working. Credentials come from the standard AWS env vars (or the instance role);
+    they are never part of the config."""
 
     endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO/moto; None = AWS
     region: str | None = None
@@ -52,6 +54,7 @@ class DataSection:
     synthetic_users: int = 2000  # only for format=synthetic
     synthetic_items: int = 500
     seed: int = 0
+    # alias of the top-level `storage:` section (the same object once the config is built)
     storage: StorageSection = field(default_factory=StorageSection)
 
     def __post_init__(self) -> None:
@@ -179,17 +182,47 @@ class ExperimentConfig:
     train: TrainSection = field(default_factory=TrainSection)
     run: RunSection = field(default_factory=RunSection)
     tune: TuneSection = field(default_factory=TuneSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+
+    def __post_init__(self) -> None:
+        self.data.storage = self.storage  # one object: the alias can never disagree
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict; the model section is flattened to ``{"name": ..., **params}``."""
+        """Plain nested dict; the model section is flattened to ``{"name": ..., **params}``, and
+        the storage options appear once, under ``storage`` (not under the ``data`` alias)."""
         out = asdict(self)
         model = out.pop("model")
         out["model"] = {"name": model["name"], **model["params"]}
+        out["data"].pop("storage")
         return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
-        return _build(cls, raw or {}, "", source)
+        return _build(cls, fold_storage_alias(raw or {}, source), "", source)
+
+
+def fold_storage_alias(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Moves ``data.storage`` (the alias) into the top-level ``storage`` section.
+
+    Raises:
+        ConfigError: both are given and a key differs.
+    """
+    data = raw.get("data")
+    if not isinstance(data, dict) or "storage" not in data:
+        return raw
+    raw, data = dict(raw), dict(data)
+    alias = data.pop("storage") or {}
+    top = raw.get("storage") or {}
+    if not isinstance(alias, dict) or not isinstance(top, dict):
+        raise ConfigError(f"{source}: storage and data.storage must be mappings")
+    for key in sorted(set(alias) & set(top)):
+        if alias[key] != top[key]:
+            raise ConfigError(
+                f"{source}: storage.{key} = {top[key]!r} and data.storage.{key} = "
+                f"{alias[key]!r} differ; data.storage is an alias of storage, give one of them"
+            )
+    raw["data"], raw["storage"] = data, {**alias, **top}
+    return raw
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,6 +329,19 @@ def _type_name(tp: Any) -> str:
 # loading
 
 
+def add_set_argument(parser: Any, help: str) -> None:
+    """The repeatable ``--set SECTION.KEY=VALUE`` option (an ``argparse`` parser's) whose values
+    are ``load_config``'s ``overrides``; every command that loads a config takes the same one."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=help,
+    )
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"train.lr=1e-4"`` -> (["train", "lr"], 0.0001); the value is parsed as YAML."""
     if "=" not in item:
@@ -345,6 +391,8 @@ def load_config(
         merged = deep_merge(merged, extra)
     for item in overrides:
         keys, value = parse_override(item)
+        if keys[:2] == ["data", "storage"]:  # the alias: an override replaces the value
+            keys = keys[1:]
         node = merged
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict):

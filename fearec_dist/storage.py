@@ -1,9 +1,16 @@
-"""Where data lives: any local path, ``file://``, ``s3://`` or other fsspec URI -> a filesystem.
+"""The storage floor: every read and write of data, run outputs, checkpoints and sweep outputs.
 
-Object-storage options come from ``StorageSection`` (endpoint, region, anonymous) or the standard
-AWS environment variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, …).
-Credentials are never part of a config, a log line or an output file: they stay in the
-environment (or the instance role) and reach pyarrow's S3 client from there.
+Owns: URIs (any local path, ``file://``, ``s3://`` or other fsspec URI) -> a filesystem
+(``resolve``, ``fsspec_filesystem``, ``ray_storage``), bounded timeouts and retries, redaction of
+URIs for logs, whole-object reads and writes (``read_bytes``/``write_bytes``/``open_output``,
+JSON), and telling a lost S3 connection from other failures (``is_connection_lost``,
+``connection_lost_error``).
+
+Object-storage options come from a ``StorageSection`` (the config's top-level ``storage:``
+section, passed as that object everywhere, Ray UDFs included) or the standard AWS environment
+variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, …). Credentials are never
+part of a config, a log line or an output file: they stay in the environment (or the instance
+role) and reach pyarrow's S3 client from there.
 
 An unreachable endpoint fails after bounded retries with an error naming the endpoint, never a
 multi-minute hang.
@@ -30,6 +37,24 @@ MAX_ATTEMPTS = 3
 def is_remote(uri: str) -> bool:
     """True for a URI with a scheme other than ``file://`` (s3://, gs://, memory://, …)."""
     return "://" in uri and not uri.startswith("file://")
+
+
+def storage_root(uri: str) -> str:
+    """An absolute local path (what Ray wants) or the URI itself, without a trailing slash."""
+    if is_remote(uri):
+        return uri.rstrip("/")
+    return os.path.abspath(uri.removeprefix("file://"))
+
+
+def ray_storage(uri: str, storage: StorageSection | None) -> tuple[str, pafs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray's ``RunConfig``: a remote URI gets this
+    layer's filesystem (endpoint, region and retries from the config), so Ray never falls back to
+    the environment alone; a local path gets None."""
+    root = storage_root(uri)
+    if not is_remote(root):
+        return root, None
+    fs, path = resolve(root, storage)
+    return path, fs
 
 
 def redact(uri: str) -> str:
@@ -251,3 +276,31 @@ def delete_dir(uri: str, storage: StorageSection | None = None) -> None:
             fs.delete_dir(path)
     except OSError as err:
         raise DataError(f"cannot delete {_describe(uri, storage)}: {err}") from None
+
+
+# what a lost connection to object storage looks like in pyarrow's and botocore's errors
+NETWORK_MARKERS = (
+    "NETWORK_CONNECTION",
+    "Could not connect",
+    "Couldn't connect",
+    "Connection refused",
+    "Connect timeout",
+    "EndpointConnectionError",
+    "Could not resolve host",
+)
+
+
+def is_connection_lost(text: str, uris: tuple[str, ...]) -> bool:
+    """Whether an error text reads as a lost S3 connection while some of ``uris`` are on S3."""
+    on_s3 = any(u.startswith(("s3://", "s3a://")) for u in uris if u)
+    return on_s3 and any(m in text for m in NETWORK_MARKERS)
+
+
+def connection_lost_error(storage: StorageSection | None, detail: str, cause: str) -> DataError:
+    """The one-line error for a lost S3 endpoint, after the bounded retries of this layer."""
+    endpoint = endpoint_of(storage) or "AWS S3 (default endpoint)"
+    return DataError(
+        f"lost the connection to the S3 endpoint {redact(endpoint)}: gave up after "
+        f"{MAX_ATTEMPTS} attempts per request ({CONNECT_TIMEOUT_S:.0f} s connect timeout) "
+        f"{detail}. Cause: {cause[:500]}"
+    )

@@ -1,4 +1,8 @@
-"""`fearec-dist submit`: check a config here, then hand the run to a Ray cluster's Jobs API.
+"""`fearec-dist submit`: the job client. Checks a config here, then hands the run to a Ray
+cluster's Jobs API.
+
+Owns the address, the auth token, the ``ray job submit`` call and waiting (Jobs REST API, log
+stream); the pure plan (checks, entrypoint, runtime env) is ``submit_plan.py``.
 
     fearec-dist submit jobs/configs/demo.yaml --address http://127.0.0.1:8265
     fearec-dist submit jobs/configs/beauty-s3.yaml --workers 4 --gpu --no-wait
@@ -27,7 +31,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shlex
 import shutil
 import socket
@@ -42,13 +45,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from fearec_dist.config import ConfigError, ExperimentConfig, deep_merge, load_config
+from fearec_dist.config import ConfigError, add_set_argument
+from fearec_dist.submit_plan import SubmitError, plan_job
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_TOKEN_PATH = Path("~/.ray/auth_token")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-# Never shipped: VCS data, the local venv and local outputs (.gitignore is honoured as well).
-EXCLUDES = [".git", ".venv", "runs/", "sweeps/", "prepared/", "__pycache__"]
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 EPILOG = """\
@@ -58,10 +60,6 @@ The token comes from --token-path, else $RAY_AUTH_TOKEN / $RAY_AUTH_TOKEN_PATH, 
   (offline-safe, starts at once). --deps pip: also pip-install pyproject's pinned dependencies
   (minus ray) per job on every node (needs a package index). See docs/cluster.md.
 """
-
-
-class SubmitError(RuntimeError):
-    """A usage problem found before anything is sent (bad path, missing token file…)."""
 
 
 @dataclass
@@ -121,14 +119,7 @@ def build_submit_parser(sub: Any = None) -> argparse.ArgumentParser:
     gpu = p.add_mutually_exclusive_group()
     gpu.add_argument("--gpu", action="store_true", help="one GPU per worker (run.use_gpu=true)")
     gpu.add_argument("--cpu", action="store_true", help="CPU workers only (run.use_gpu=false)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="config override, checked here and passed to the job (repeatable)",
-    )
+    add_set_argument(p, "config override, checked here and passed to the job (repeatable)")
     p.add_argument("--token-path", help="file holding the cluster's auth token")
     p.add_argument("--working-dir", default=".", help="directory shipped to the job (default .)")
     p.add_argument("--deps", choices=("cluster", "pip"), default="cluster", help="see below")
@@ -201,106 +192,6 @@ def resolve_token(token_path: str | None, environ: Mapping[str, str]) -> AuthTok
     return AuthToken(env, ("RAY_AUTH_TOKEN",), token, f"{label} {path}")
 
 
-def _inside(path: str, root: Path, what: str) -> str:
-    p = Path(path).resolve()
-    try:
-        return p.relative_to(root).as_posix()
-    except ValueError:
-        raise SubmitError(
-            f"{what} {path} is not inside the working dir {root}: the job only sees files "
-            "shipped with --working-dir"
-        ) from None
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _path_fixes(
-    cfg: ExperimentConfig, kind: str, local: bool, root: Path, notes: list[str]
-) -> list[str]:
-    """Relative paths in the config resolve inside the job's copy of the working dir, which Ray
-    deletes later. On a local head they are made absolute; for a remote cluster, a warning."""
-    keys = {
-        "data.path": cfg.data.path if cfg.data.format != "synthetic" else "",
-        "data.prepared_path": cfg.data.prepared_path,
-        "data.attributes": cfg.data.attributes or "",
-        "run.storage_path": cfg.run.storage_path,
-    }
-    if kind == "tune":
-        keys["tune.storage_path"] = cfg.tune.storage_path
-    fixes = []
-    for key, value in keys.items():
-        if not value or _is_uri(value):
-            continue
-        plain = value.removeprefix("file://")
-        if local and not os.path.isabs(plain):
-            fixes.append(f"{key}={os.path.abspath(plain)}")
-            notes.append(f"local head: {key} {value} -> {os.path.abspath(plain)}")
-        elif not local and key.endswith("storage_path"):
-            notes.append(
-                f"warning: {key} is the local path {value}; on a remote cluster outputs land on "
-                "the head node only (relative paths: inside the job's working dir, which Ray "
-                "deletes). Use an s3:// URI."
-            )
-        elif not local and not (root / plain).resolve().is_relative_to(root):
-            notes.append(f"warning: {key} {value} must exist at that path on every cluster node")
-    return fixes
-
-
-def validate(cfg_path: str, overrides: list[str], space: str | None) -> ExperimentConfig:
-    """Loads the config exactly as the job will, and checks the model keys and the space.
-
-    The model registry imports torch; without it (a laptop with only the ray CLI) that check is
-    skipped here and runs on the cluster instead.
-    """
-    cfg = load_config(cfg_path, overrides)
-    try:
-        from fearec_dist.models import validate_model_section
-    except ImportError as err:
-        print(f"[fearec-dist] note: model keys not checked locally ({err})", file=sys.stderr)
-    else:
-        validate_model_section(cfg.model.name, cfg.model.params, cfg.data.max_seq_len)
-        if space:
-            try:
-                from fearec_dist.tune import read_space, validate_space
-            except ImportError as err:
-                print(f"[fearec-dist] note: space not checked locally ({err})", file=sys.stderr)
-            else:
-                validate_space(read_space(space), cfg, space)
-    return cfg
-
-
-def pinned_dependencies(root: Path) -> list[str]:
-    """``[project].dependencies`` of the shipped pyproject.toml, minus ray (the cluster's own)."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        raise SubmitError("--deps pip needs Python >= 3.11 (tomllib)") from None
-    pyproject = root / "pyproject.toml"
-    if not pyproject.is_file():
-        raise SubmitError(f"--deps pip: {pyproject} does not exist")
-    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
-    name = lambda spec: re.match(r"[A-Za-z0-9_.-]+", spec).group().lower()  # noqa: E731
-    return [d for d in deps if name(d) != "ray"]
-
-
-def build_runtime_env(root: Path, deps: str, extra_json: str | None) -> dict[str, Any]:
-    """The runtime env besides ``working_dir`` (passed to the CLI as ``--working-dir``)."""
-    env: dict[str, Any] = {"excludes": list(EXCLUDES)}
-    if deps == "pip":
-        env["pip"] = {"packages": pinned_dependencies(root), "pip_check": False}
-    if extra_json:
-        try:
-            extra = json.loads(extra_json)
-        except json.JSONDecodeError as err:
-            raise SubmitError(f"--runtime-env-json: not valid JSON ({err})") from None
-        if not isinstance(extra, dict):
-            raise SubmitError("--runtime-env-json: expected a JSON object")
-        env = deep_merge(env, extra)
-    return env
-
-
 def ray_cli() -> str:
     """The ``ray`` next to this interpreter (same version as the package), else the PATH's."""
     beside = Path(sys.executable).with_name("ray")
@@ -314,54 +205,19 @@ def build_plan(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
     """Validates the config and returns the submission; sends nothing (one read-only query
     when the address is loopback, to tell a local head from a tunnel)."""
     environ = os.environ if environ is None else environ
-    kind = "tune" if args.tune else "train"
-    overrides = list(args.overrides)
-    if args.workers is not None:
-        overrides.append(f"run.workers={args.workers}")
-    if args.gpu or args.cpu:
-        overrides.append(f"run.use_gpu={'true' if args.gpu else 'false'}")
-    cfg = validate(args.config, overrides, args.tune)
-
-    root = Path(args.working_dir).resolve()
-    if not root.is_dir():
-        raise SubmitError(f"--working-dir {root} is not a directory")
-    config_rel = _inside(args.config, root, "config")
-    space_rel = _inside(args.tune, root, "search space") if args.tune else None
     address = resolve_address(args.address, environ)
-    stem = Path(args.config).stem
-    job_id = args.submission_id or f"fearec-{kind}-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
     auth = resolve_token(args.token_path, environ)
-    notes: list[str] = []
-    local = head_is_this_machine(address, auth.token)
-    overrides += _path_fixes(cfg, kind, local, root, notes)
-    # A fixed name makes the output directory known now (and resubmitting it resumes).
-    if kind == "train" and not cfg.run.name:
-        overrides.append(f"run.name={job_id}")
-    if kind == "tune" and not cfg.tune.name:
-        overrides.append(f"tune.name={job_id}")
-    final = load_config(args.config, overrides)  # what the job will load, paths fixed
-    if kind == "train":
-        outputs = f"{final.run.storage_path.rstrip('/')}/{final.run.name}"
-    else:
-        outputs = f"{final.tune.storage_path.rstrip('/')}/{final.tune.name}"
-
-    entrypoint = [args.python, "-m", "fearec_dist", kind, "--config", config_rel]
-    if space_rel:
-        entrypoint += ["--space", space_rel]
-    for item in overrides:
-        entrypoint += ["--set", item]
-    runtime_env = build_runtime_env(root, args.deps, args.runtime_env_json)
+    job = plan_job(args, head_is_this_machine(address, auth.token))
     command = [
         ray_cli(), "job", "submit",
         "--address", address,
-        "--submission-id", job_id,
-        "--working-dir", str(root),
-        "--runtime-env-json", json.dumps(runtime_env),
+        "--submission-id", job.job_id,
+        "--working-dir", str(job.working_dir),
+        "--runtime-env-json", json.dumps(job.runtime_env),
         "--no-wait",
-        "--", *entrypoint,
+        "--", *job.entrypoint,
     ]  # fmt: skip
-    return SubmitPlan(command, address, job_id, auth, outputs, notes)
+    return SubmitPlan(command, address, job.job_id, auth, job.outputs, job.notes)
 
 
 # --------------------------------------------------------------------------------------------------

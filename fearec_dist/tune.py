@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from fearec_dist.config import ConfigError, ExperimentConfig, deep_merge
+from fearec_dist.storage import write_bytes
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -108,7 +109,8 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from fearec_dist.train.trainer import build_datasets, build_trainer
+    from fearec_dist.data.datasets import build_datasets
+    from fearec_dist.train.trainer import build_trainer
 
     cfg = ExperimentConfig.from_dict(deep_merge(config["base"], config["params"]), "trial config")
     info = config["examples"]
@@ -116,7 +118,7 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     name = f"{config['sweep_name']}-{tune.get_context().get_trial_id()}"
     trainer = build_trainer(
         cfg,
-        build_datasets(info, cfg.data.storage),
+        build_datasets(info, cfg.storage),
         info,
         mode="cluster",
         name=name,
@@ -125,29 +127,18 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     trainer.fit()  # code after this does not run when ASHA stops the trial
 
 
-def max_concurrent(cfg: ExperimentConfig) -> int:
-    import ray
-
-    if cfg.tune.max_concurrent_trials:
-        return cfg.tune.max_concurrent_trials
-    res = ray.cluster_resources()
-    workers = max(cfg.run.workers, 1)
-    if cfg.run.use_gpu:
-        return max(1, int(res.get("GPU", 0) // workers))
-    # each trial's workers plus ~half a CPU for its Ray Data read tasks
-    per_trial = workers * cfg.run.cpus_per_worker + 0.5
-    return max(1, int(res.get("CPU", 1) // per_trial))
-
-
 def run_sweep(cfg: ExperimentConfig, space_path: str | Path, mode: str = "local") -> dict[str, Any]:
-    """Runs (or resumes) the sweep; returns the best trial's summary."""
+    """Runs (or resumes) the sweep; returns the best trial's summary. ``cfg`` is not changed."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from fearec_dist.train.trainer import init_ray, prepare_run, storage_root
+    from fearec_dist.data.datasets import prepare_run
+    from fearec_dist.launch import init_ray, max_concurrent_runs
+    from fearec_dist.storage import ray_storage, storage_root
 
     space = read_space(space_path)
+    cfg = copy.deepcopy(cfg)  # the sweep's own copy: the caller's config stays as it was
     cfg.train.eval_every = 1  # every report carries the metric ASHA reads
     validate_space(space, cfg, str(space_path))
     started = init_ray(mode, cfg, concurrent_runs=cfg.tune.max_concurrent_trials or 2)
@@ -158,11 +149,16 @@ def run_sweep(cfg: ExperimentConfig, space_path: str | Path, mode: str = "local"
         cfg.train.epochs = cfg.tune.max_t
         _, info = prepare_run(cfg)
         trainable = tune.with_resources(train_driver_fn, {"CPU": cfg.tune.driver_cpus})
-        concurrent = max_concurrent(cfg)
+        concurrent = max_concurrent_runs(cfg, ray.cluster_resources())
         path = f"{root}/{name}"
-        if tune.Tuner.can_restore(path):
+        # the storage layer's filesystem: the endpoint may be given only in the config
+        storage_path, fs = ray_storage(root, cfg.storage)
+        experiment = f"{storage_path}/{name}"
+        if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
             print(f"[fearec-dist] resuming sweep {path}")
-            tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+            tuner = tune.Tuner.restore(
+                experiment, trainable, resume_errored=True, storage_filesystem=fs
+            )
         else:
             print(
                 f"[fearec-dist] sweep {name}: {cfg.tune.num_samples} samples, "
@@ -187,7 +183,9 @@ def run_sweep(cfg: ExperimentConfig, space_path: str | Path, mode: str = "local"
                     num_samples=cfg.tune.num_samples,
                     max_concurrent_trials=concurrent,
                 ),
-                run_config=tune.RunConfig(name=name, storage_path=root),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=storage_path, storage_filesystem=fs
+                ),
             )
         grid = tuner.fit()
         return write_sweep_outputs(grid, cfg, path)
@@ -230,17 +228,18 @@ def write_sweep_outputs(grid: Any, cfg: ExperimentConfig, path: str) -> dict[str
         )
         curves[trial_id] = (df["epoch"].tolist(), df[metric].tolist()) if series else ([], [])
     rows.sort(key=lambda r: -sign * r["best"] if not math.isnan(r["best"]) else math.inf)
-    out_dir = Path(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = path.rstrip("/")
     keys = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
-    (out_dir / "trials.csv").write_text(buf.getvalue())
     md = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     md += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
-    (out_dir / "trials.md").write_text(f"metric: {metric} ({cfg.tune.mode})\n\n" + "\n".join(md))
+    files = {
+        "trials.csv": buf.getvalue().encode(),
+        "trials.md": (f"metric: {metric} ({cfg.tune.mode})\n\n" + "\n".join(md)).encode(),
+    }
     best = rows[0] if rows else None
     if best is not None:
         best_params = {
@@ -248,19 +247,20 @@ def write_sweep_outputs(grid: Any, cfg: ExperimentConfig, path: str) -> dict[str
         }
         best_cfg = ExperimentConfig.from_dict(_apply(cfg.to_dict(), best_params))
         best_cfg.run.storage_path, best_cfg.run.name = "./runs", ""
-        (out_dir / "best_config.yaml").write_text(
-            yaml.safe_dump(best_cfg.to_dict(), sort_keys=False)
-        )
-    _plot(curves, metric, out_dir / "curves.png")
-    print(f"[fearec-dist] sweep results in {out_dir}: trials.csv, trials.md, best_config.yaml")
-    return {"best": best, "n_trials": len(rows), "path": str(out_dir)}
+        files["best_config.yaml"] = yaml.safe_dump(best_cfg.to_dict(), sort_keys=False).encode()
+    files["curves.png"] = _plot(curves, metric)
+    for file_name, data in files.items():  # through the storage layer: s3:// lands in the bucket
+        write_bytes(f"{out_dir}/{file_name}", data, cfg.storage)
+    print(f"[fearec-dist] sweep results in {out_dir}: {', '.join(files)}")
+    return {"best": best, "n_trials": len(rows), "path": out_dir}
 
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _plot(curves: dict[str, tuple[list, list]], metric: str, path: Path) -> None:
+def _plot(curves: dict[str, tuple[list, list]], metric: str) -> bytes:
+    """PNG: the metric per epoch of every trial."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,5 +275,7 @@ def _plot(curves: dict[str, tuple[list, list]], metric: str, path: Path) -> None
     ax.set_title("ASHA sweep: every trial, stopped ones end early")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
+    return buf.getvalue()

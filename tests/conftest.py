@@ -35,7 +35,7 @@ def ray_session(s3_server):
     """
     import ray
 
-    from fearec_dist.train.trainer import start_local_ray
+    from fearec_dist.launch import start_local_ray
 
     if not ray.is_initialized():
         start_local_ray(num_cpus=4)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from fearec_dist import submit
+from fearec_dist import submit, submit_plan
 from fearec_dist.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_dry_run_command_and_token_stay_out_of_argv(tmp_path, capsys):
 
 
 def test_pip_runtime_env_lists_pinned_deps_but_not_ray():
-    env = submit.build_runtime_env(REPO, "pip", '{"env_vars": {"OMP_NUM_THREADS": "1"}}')
+    env = submit_plan.build_runtime_env(REPO, "pip", '{"env_vars": {"OMP_NUM_THREADS": "1"}}')
     packages = env["pip"]["packages"]
     assert any(p.startswith("torch") for p in packages)
     assert not any(p.startswith("ray") for p in packages)

@@ -98,9 +98,11 @@ def _batch_to_csr(batch: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class _ExampleWriter:
     """Ray Data UDF: one batch of user sequences -> example part files; returns their counts."""
 
-    def __init__(self, out_uri: str, max_seq_len: int, bucket_of: np.ndarray, storage: dict):
+    def __init__(
+        self, out_uri: str, max_seq_len: int, bucket_of: np.ndarray, storage: StorageSection
+    ) -> None:
         self.out_uri, self.max_seq_len, self.bucket_of = out_uri, max_seq_len, bucket_of
-        self.storage = StorageSection(**storage)
+        self.storage = storage
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         offsets, items, users = _batch_to_csr(batch)
@@ -183,7 +185,7 @@ def build_examples(
     ds = ray.data.read_parquet(seq_root, filesystem=fs, columns=["user", "items"])
     n_items = int(meta["n_items"])
     bucket_of = assign_buckets(_item_counts(ds, n_items), n_buckets)
-    writer = _ExampleWriter(out_uri, max_seq_len, bucket_of, storage.__dict__)
+    writer = _ExampleWriter(out_uri, max_seq_len, bucket_of, storage)
     parts = ds.map_batches(writer, batch_format="pyarrow", batch_size=20_000).take_all()
     _, out_root = resolve(out_uri, storage)
     prefix = out_uri.rstrip("/")

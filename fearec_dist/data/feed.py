@@ -59,8 +59,10 @@ def read_examples_table(paths: list[str], storage: StorageSection) -> dict[str, 
 
 
 class _ReadBucket:
-    def __init__(self, storage: dict) -> None:
-        self.storage = StorageSection(**storage)
+    """Ray Data UDF: one bucket's paths -> its examples (``storage`` travels as the dataclass)."""
+
+    def __init__(self, storage: StorageSection) -> None:
+        self.storage = storage
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import json
@@ -82,7 +84,7 @@ def train_dataset(info: dict[str, Any], storage: StorageSection) -> Any:
     # Reading a bucket is I/O, not compute: a quarter CPU per task, so a small box running several
     # trials never has its read tasks wait behind the train workers' CPUs.
     return ds.map_batches(
-        _ReadBucket(storage.__dict__), batch_size=1, batch_format="numpy", num_cpus=DATA_TASK_CPUS
+        _ReadBucket(storage), batch_size=1, batch_format="numpy", num_cpus=DATA_TASK_CPUS
     )
 
 

@@ -20,8 +20,8 @@ from fearec_dist.storage import read_bytes
 class ReadFile:
     """Ray Data UDF: one input file -> standard rows (validated)."""
 
-    def __init__(self, fmt: str, columns: dict[str, str], storage: dict) -> None:
-        self.fmt, self.columns, self.storage = fmt, columns, StorageSection(**storage)
+    def __init__(self, fmt: str, columns: dict[str, str], storage: StorageSection) -> None:
+        self.fmt, self.columns, self.storage = fmt, columns, storage
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         path, index = str(batch["path"][0]), int(batch["index"][0])
@@ -144,7 +144,7 @@ def read_rows(files: list[str], fmt: str, data: DataSection, storage: StorageSec
     listing = ray.data.from_items(
         [{"path": f, "index": i} for i, f in enumerate(files)], override_num_blocks=len(files)
     )
-    reader = ReadFile(fmt, data.columns, storage.__dict__)
+    reader = ReadFile(fmt, data.columns, storage)
     return listing.map_batches(reader, batch_size=1, batch_format="numpy").materialize()
 
 

@@ -1,11 +1,20 @@
-"""Checkpoints: everything an exact resume needs, in one ``state.pt`` per checkpoint directory.
+"""Checkpoint state: everything an exact resume needs, in one ``state.pt`` per checkpoint dir.
+
+Owns building the state (``TrainState.to_state``), restoring it (``TrainState.restore``), the
+per-rank RNG states (``rng_state``/``set_rng_state``/``gather_rng_states``), and the files
+(``save_state``, ``load_state``, ``load_state_uri``, ``latest_checkpoint``).
 
 Contents (nanoGPT's checkpoint dict is the model): ``model`` (the unwrapped module's state dict),
 ``optimizer``, ``progress`` (epoch, best metric and epoch, patience counter, per-epoch history
-rows), ``best_model`` (weights of the best validation epoch, for the test metrics), ``rng`` (torch,
-numpy and Python states), ``config`` (the experiment dict) and ``data`` (examples info: URI and
-fingerprint of the prepared data). Saved with ``torch.save`` and read back with
-``weights_only=True``: nothing pickled is ever executed.
+rows), ``best_model`` (weights of the best validation epoch, for the test metrics), ``rng`` (a
+list, one entry per rank: torch CPU, CUDA when present, numpy and Python ``random`` states, each
+exact), ``config`` (the experiment dict) and ``data`` (examples info: URI and fingerprint of the
+prepared data). Saved with ``torch.save`` and read back with ``weights_only=True``: nothing
+pickled is ever executed.
+
+Per-rank RNG: every rank seeds its own generators (``seed + rank``), so each rank's states are
+gathered to rank 0 (``gather_object`` over the process group) and rank r restores entry r. A
+run resumed with more workers than it saved seeds the extra ranks afresh.
 
 Atomicity: rank 0 writes into a fresh temporary directory (``state.pt.tmp`` renamed to
 ``state.pt``), which ``ray.train.report`` then persists; Ray only registers a checkpoint after
@@ -16,29 +25,118 @@ not a complete file.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fearec_dist.train.progress import Progress
+
 STATE_FILE = "state.pt"
 
 
+def seed_rank(seed: int, rank: int) -> None:
+    """Each rank's own generators: torch (CPU and CUDA) and numpy."""
+    torch.manual_seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+
+
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states, exactly (numpy's position and cached Gaussian included)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].tolist(),
-        "python": list(random.getstate()[1]),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": {
+            "keys": keys.tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores what ``rng_state`` saved (CUDA only where both have it)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    keys = np.asarray(n["keys"], dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def gather_rng_states(rank: int, world: int) -> list[dict[str, Any]] | None:
+    """Every rank's ``rng_state()`` on rank 0, in rank order (None on the other ranks).
+
+    A collective: every rank calls it. Without a process group (one worker, debug mode) it is
+    this process's state alone.
+    """
+    import torch.distributed as dist
+
+    mine = rng_state()
+    if world == 1 or not dist.is_available() or not dist.is_initialized():
+        return [mine]
+    out: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(mine, out, dst=0)
+    return out
+
+
+def restore_rng_state(saved: list[dict[str, Any]], rank: int) -> bool:
+    """Restores rank ``rank``'s saved states; False (nothing restored) when the checkpoint holds
+    fewer ranks (a resume with more workers: that rank keeps its fresh seed) or is of the format
+    before per-rank states (one dict)."""
+    if isinstance(saved, dict) or rank >= len(saved):
+        return False
+    set_rng_state(saved[rank])
+    return True
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint saves and restores: the bare module, its optimizer, the progress and
+    the weights of the best epoch."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    progress: Progress
+    best_model: dict[str, torch.Tensor] | None = None
+
+    def keep_best(self) -> None:
+        """Copies the current weights as the best epoch's (CPU, detached)."""
+        state = self.module.state_dict()
+        self.best_model = {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    def to_state(
+        self, rng: list[dict[str, Any]], config: dict[str, Any], info: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The checkpoint dict (``rng``: every rank's states, from ``gather_rng_states``)."""
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "progress": copy.deepcopy(asdict(self.progress)),
+            "best_model": self.best_model,
+            "rng": rng,
+            "config": config,
+            "data": {k: v for k, v in info.items() if k != "buckets"},
+        }
+
+    def restore(self, state: dict[str, Any], rank: int) -> None:
+        """Loads a checkpoint dict into this state, and this rank's RNG states."""
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.progress = Progress(**state["progress"])
+        self.best_model = state.get("best_model")
+        restore_rng_state(state["rng"], rank)
 
 
 def save_state(directory: str | Path, state: dict[str, Any]) -> Path:

@@ -1,4 +1,5 @@
-"""Run outputs written by rank 0 every epoch: ``results.json``, ``metrics.csv``, ``curves.png``.
+"""Run outputs written by rank 0 every epoch: ``results.json``, ``metrics.csv``, ``curves.png``
+and the TensorBoard event files, all through the storage layer.
 
 Written inside ``train_func`` (not after ``fit()``, which Tune may never reach). ``metrics.csv``
 is rewritten whole from the per-epoch history kept in the checkpoint, so replaying an epoch after a
@@ -14,17 +15,7 @@ import math
 from typing import Any
 
 from fearec_dist.config import StorageSection
-
-
-def _write_bytes(uri: str, data: bytes, storage: StorageSection | None) -> None:
-    from fearec_dist.storage import resolve
-
-    fs, path = resolve(uri, storage or StorageSection())
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+from fearec_dist.storage import is_remote, write_bytes
 
 
 def metrics_csv(history: list[dict[str, Any]]) -> str:
@@ -77,12 +68,12 @@ def write_run_outputs(
     storage: StorageSection | None = None,
 ) -> None:
     base = run_dir.rstrip("/")
-    _write_bytes(f"{base}/metrics.csv", metrics_csv(history).encode(), storage)
+    write_bytes(f"{base}/metrics.csv", metrics_csv(history).encode(), storage)
     text = json.dumps(results, indent=2, default=str, allow_nan=True)
-    _write_bytes(f"{base}/results.json", text.encode(), storage)
+    write_bytes(f"{base}/results.json", text.encode(), storage)
     if history:
         png = plot_curves(history, str(results.get("config", {}).get("model", {}).get("name", "")))
-        _write_bytes(f"{base}/curves.png", png, storage)
+        write_bytes(f"{base}/curves.png", png, storage)
 
 
 def _summary_writer_class() -> Any:
@@ -112,7 +103,7 @@ class TensorBoardLog:
     def __init__(self, run_dir: str, storage: StorageSection | None = None) -> None:
         import tempfile
 
-        self.remote = "://" in run_dir and not run_dir.startswith("file://")
+        self.remote = is_remote(run_dir)
         self.target = f"{run_dir.rstrip('/')}/tensorboard"
         self.storage, self.writer = storage, None
         writer_cls = _summary_writer_class()
@@ -134,7 +125,7 @@ class TensorBoardLog:
             from pathlib import Path
 
             for path in Path(self.local).iterdir():
-                _write_bytes(f"{self.target}/{path.name}", path.read_bytes(), self.storage)
+                write_bytes(f"{self.target}/{path.name}", path.read_bytes(), self.storage)
 
     def close(self) -> None:
         if self.writer is not None:

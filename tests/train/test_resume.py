@@ -102,7 +102,7 @@ def test_cut_after_epoch_2_and_resumed_equals_uncut(ray_session, storage, uncut,
 def test_worker_killed_mid_epoch_restarts_from_checkpoint(storage, uncut, tmp_path):
     """The CLI in its own process (and its own local Ray, which inherits the kill switch from the
     environment): rank 0 exits hard at step 2 of the third epoch, once."""
-    from fearec_dist.train.loop import TEST_KILL_ENV
+    from fearec_dist.train.faults import TEST_KILL_ENV
 
     marker = tmp_path / "killed"
     config = tmp_path / "killed.yaml"

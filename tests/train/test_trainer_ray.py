@@ -78,8 +78,9 @@ def _storage():
 
 
 def test_two_worker_run(ray_session, synth_cfg):
+    from fearec_dist.data.datasets import prepare_run
     from fearec_dist.train.evaluate import evaluate_checkpoint
-    from fearec_dist.train.trainer import prepare_run, run_training
+    from fearec_dist.train.trainer import run_training
 
     cfg = load_config(None, [*synth_cfg, "run.name=two-workers"])
     results = run_training(cfg, mode="local")

@@ -1,0 +1,97 @@
+"""From a config to the Ray datasets a run trains on: the data side of the trainer's wiring.
+
+Owns, in order:
+
+1. ``ensure_prepared``: raw input (or the synthetic generator) -> ``prepare`` (cached by content).
+2. ``prepare_run``: that, plus ``build_examples`` (target-bucketed examples, cached by L).
+3. ``build_datasets``: Ray datasets over the examples (train: whole buckets; valid/test: rows).
+4. ``UnevenSplitDataConfig``: how Ray Train splits them over the workers (``equal=False``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from fearec_dist.config import ExperimentConfig, StorageSection
+from fearec_dist.storage import storage_root
+
+
+def ensure_prepared(cfg: ExperimentConfig, progress: bool = True) -> str:
+    """Returns a prepared dataset URI, running ``prepare`` first when the config names raw input."""
+    data = cfg.data
+    if data.format == "prepared":
+        if not data.path:
+            raise ValueError("data.path is empty: name a prepared dataset or raw input")
+        return data.path
+    from fearec_dist.data.prepare import prepare_dataset
+    from fearec_dist.storage import exists
+
+    skip = ("storage", "max_seq_len", "n_buckets")
+    key = json.dumps({k: v for k, v in data.__dict__.items() if k not in skip}, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    cache = f"{storage_root(cfg.run.storage_path)}/_prepared/{data.format}-{digest}"
+    out = data.prepared_path or cache
+    if exists(f"{out}/meta.json", cfg.storage):
+        print(f"[fearec-dist] using prepared data at {out}")
+        return out
+    print(f"[fearec-dist] preparing {data.format} input {data.path or '(generated)'} -> {out}")
+    prepare_dataset(
+        data.path, data.format, out, data=data, attributes_uri=data.attributes, progress=progress
+    )
+    return out
+
+
+def prepare_run(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
+    """Prepared data + examples (both cached); returns (prepared URI, examples info)."""
+    from fearec_dist.data.examples import build_examples
+
+    prepared = ensure_prepared(cfg)
+    info = build_examples(prepared, cfg.data.max_seq_len, cfg.data.n_buckets, cfg.storage)
+    print(
+        f"[fearec-dist] examples: {info['n_train']:,} train / {info['n_valid']:,} valid / "
+        f"{info['n_test']:,} test, {info['n_items']:,} items, {len(info['buckets'])} buckets "
+        f"(largest {info['largest_bucket']:,}) at {info['uri']}"
+    )
+    return prepared, info
+
+
+def build_datasets(info: dict[str, Any], storage: StorageSection) -> dict[str, Any]:
+    """``{"train", "valid", "test"}`` Ray datasets over the examples described by ``info``."""
+    from fearec_dist.data.feed import eval_dataset, train_dataset
+
+    return {
+        "train": train_dataset(info, storage),
+        "valid": eval_dataset(info, "valid", storage),
+        "test": eval_dataset(info, "test", storage),
+    }
+
+
+def uneven_data_config(shard_locality: bool = True) -> Any:
+    """A Ray Train ``DataConfig`` that splits every dataset with ``streaming_split(equal=False)``.
+
+    Ray's default (``equal=True``) cuts blocks to even out shards: it would cut a target bucket in
+    two and drop evaluation rows (a dropped row is a user never scored). Only public members of
+    ``DataConfig`` are used: the locality flag is kept here, and the execution options are Ray's
+    ``default_ingest_options()`` (this config passes no options of its own).
+    """
+    from ray.train import DataConfig
+
+    class UnevenSplitDataConfig(DataConfig):
+        def __init__(self) -> None:
+            super().__init__(enable_shard_locality=shard_locality)
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+            hints = worker_node_ids if shard_locality else None
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self.default_ingest_options()
+                for i, split in enumerate(
+                    ds.streaming_split(world_size, equal=False, locality_hints=hints)
+                ):
+                    output[i][name] = split
+            return output
+
+    return UnevenSplitDataConfig()

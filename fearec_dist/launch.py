@@ -1,0 +1,90 @@
+"""Ray start-up, and the one formula for what a training run asks of the cluster.
+
+Owns: ``init_ray`` (debug and local modes start an instance here, cluster mode joins the running
+one at ``RAY_ADDRESS``), ``start_local_ray`` (a local instance with its dashboard on 127.0.0.1),
+``worker_resources`` (what each train worker requests) and ``cpus_per_run`` (a run's workers plus
+its Ray Data read tasks), which both the local instance size and Tune's concurrent-trial count
+(``max_concurrent_trials``) are derived from.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from fearec_dist.config import ExperimentConfig
+
+# a run's Ray Data read tasks beside its workers (each task takes a quarter CPU, see data/feed.py)
+DATA_TASKS_CPUS = 0.5
+
+
+def worker_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """Ray resources each train worker requests: its CPUs, a GPU when asked, custom ones."""
+    resources = {"CPU": cfg.run.cpus_per_worker} | ({"GPU": 1} if cfg.run.use_gpu else {})
+    return resources | cfg.run.worker_resources  # custom node resources, e.g. one slot per node
+
+
+def cpus_per_run(cfg: ExperimentConfig) -> float:
+    """CPUs one trainer run occupies: its workers plus its Ray Data read tasks."""
+    return max(cfg.run.workers, 1) * cfg.run.cpus_per_worker + DATA_TASKS_CPUS
+
+
+def max_concurrent_runs(cfg: ExperimentConfig, cluster: dict[str, float]) -> int:
+    """How many trainer runs (Tune trials) fit on a cluster with ``cluster`` resources at once."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    if cfg.run.use_gpu:
+        return max(1, int(cluster.get("GPU", 0) // max(cfg.run.workers, 1)))
+    return max(1, int(cluster.get("CPU", 1) // cpus_per_run(cfg)))
+
+
+def init_ray(mode: str, cfg: ExperimentConfig, concurrent_runs: int = 1) -> bool:
+    """Starts or joins Ray for ``mode``; returns True when this call started it (caller stops).
+
+    ``concurrent_runs``: trainer runs that will share a local instance (Tune trials).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if mode == "cluster":
+        address = os.environ.get("RAY_ADDRESS", "auto")
+        try:
+            ray.init(address=address)
+        except ConnectionError as err:
+            raise RuntimeError(
+                f"no running Ray cluster at {address!r} ({err}). Start one (`ray start --head`, "
+                "see README 'Run on a cluster'), set RAY_ADDRESS, or use --local / --debug."
+            ) from None
+        return True
+    need = concurrent_runs * cpus_per_run(cfg)
+    # Logical CPUs: room for the workers plus Ray Data's read tasks, or both wait on each other.
+    start_local_ray(max(os.cpu_count() or 1, math.ceil(need) + 2))
+    return True
+
+
+def start_local_ray(num_cpus: int) -> Any:
+    """``ray.init(address="local")`` with the dashboard on 127.0.0.1 and a job-wide
+    ``RAY_API_SERVER_ADDRESS`` pointing at it.
+
+    Train V2's placement-group cleaner reads the State API (served by the dashboard) to notice a
+    dead controller, e.g. a Tune trial stopped by ASHA; without it the trial's CPUs leak and the
+    next trials wait forever. Naming the address keeps it on this instance even when other Ray
+    instances run on the machine.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    )

@@ -1,0 +1,49 @@
+"""The end of every epoch: outputs, a checkpoint and ``ray.train.report``, from every rank.
+
+Owns ``Reporter``: rank 0 rewrites the run outputs (``results.json``, ``metrics.csv``,
+``curves.png``, TensorBoard) and writes the checkpoint into a fresh temporary directory that
+``ray.train.report`` persists (Ray's single-writer pattern); every rank calls ``report`` (it is
+a barrier) after handing its RNG states to rank 0.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+from fearec_dist.config import ExperimentConfig
+from fearec_dist.train import checkpoint as ckpt
+from fearec_dist.train.outputs import TensorBoardLog, write_run_outputs
+from fearec_dist.train.progress import results_dict
+
+
+class Reporter:
+    """Reports each epoch of one worker; built once per run, closed at the end."""
+
+    def __init__(
+        self, cfg: ExperimentConfig, info: dict[str, Any], run_dir: str, rank: int, world: int
+    ) -> None:
+        self.cfg_dict, self.info, self.run_dir = cfg.to_dict(), info, run_dir
+        self.rank, self.world, self.storage = rank, world, cfg.storage
+        self.tensorboard = TensorBoardLog(run_dir, cfg.storage) if rank == 0 else None
+
+    def report(self, row: dict[str, Any], state: ckpt.TrainState) -> None:
+        """Reports ``row`` (its numeric values) with rank 0's checkpoint of ``state``."""
+        import ray.train
+
+        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        rng = ckpt.gather_rng_states(self.rank, self.world)  # a collective: every rank
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        results = results_dict(state.progress, self.cfg_dict, self.info)
+        write_run_outputs(self.run_dir, state.progress.history, results, self.storage)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt.save_state(tmp, state.to_state(rng, self.cfg_dict, self.info))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if self.tensorboard is not None:
+            self.tensorboard.log(row)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
