@@ -47,3 +47,35 @@ def test_round_trip_through_dict():
     again = ExperimentConfig.from_dict(cfg.to_dict())
     assert again == cfg
     assert again.train.topk == [5, 10]  # the valid metric's K is always computed
+
+
+def test_storage_section_serves_everything_and_data_storage_is_its_alias(tmp_path):
+    top = load_config(None, ["storage.endpoint_url=http://127.0.0.1:9000"])
+    assert top.storage.endpoint_url == "http://127.0.0.1:9000"
+    assert top.data.storage is top.storage  # one object: the alias can never disagree
+    path = tmp_path / "alias.yaml"
+    path.write_text("data:\n  storage:\n    endpoint_url: http://minio:9000\n    region: eu-1\n")
+    alias = load_config(path)
+    assert alias.storage.endpoint_url == "http://minio:9000" and alias.storage.region == "eu-1"
+    assert "storage" not in alias.to_dict()["data"]  # written once, under its own home
+    assert ExperimentConfig.from_dict(alias.to_dict()) == alias
+    # a --set on the alias overrides the file's value (under either name), never conflicts
+    moved = load_config(path, ["data.storage.endpoint_url=http://other:9000"])
+    assert moved.storage.endpoint_url == "http://other:9000"
+    assert load_config(path, ["storage.region=us-2"]).storage.region == "us-2"
+    same = {"storage": {"region": "eu-1"}, "data": {"storage": {"region": "eu-1"}}}
+    assert ExperimentConfig.from_dict(same).storage.region == "eu-1"
+
+
+def test_storage_and_its_alias_differing_is_an_error(tmp_path):
+    path = tmp_path / "both.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"endpoint_url": "http://a:9000"},
+                "data": {"storage": {"endpoint_url": "http://b:9000"}},
+            }
+        )
+    )
+    with pytest.raises(ConfigError, match=r"both\.yaml.*storage\.endpoint_url.*data\.storage"):
+        load_config(path)

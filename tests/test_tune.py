@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import csv
+import io
+from pathlib import Path
 
 import pytest
 import yaml
@@ -89,13 +92,22 @@ def test_asha_sweep_stops_weak_trials_and_best_config_trains(ray_session, tmp_pa
 
 
 @pytest.mark.slow
-def test_sweep_reads_its_data_from_s3(ray_session, s3_server, tmp_path):
-    from fearec_dist.config import DataSection
+def test_sweep_on_s3_with_the_endpoint_only_in_the_config(
+    ray_session, s3_server, tmp_path, monkeypatch
+):
+    """Data in, and trials.csv, trials.md, best_config.yaml, curves.png out, on the moto server,
+    with the endpoint given only as ``data.storage.endpoint_url``: the driver's environment has
+    no ``AWS_ENDPOINT_URL`` (the session fixture's is removed for this test), so the Tuner's
+    storage, the trainers' storage and the sweep outputs all take it from the config. The
+    caller's config is left as it was."""
+    from fearec_dist.config import DataSection, StorageSection
     from fearec_dist.data.prepare import prepare_dataset
     from fearec_dist.tune import run_sweep
 
     bucket = s3_server.create_bucket("sweep-data")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
     data = DataSection(synthetic_users=120, synthetic_items=30)
+    data.storage = StorageSection(endpoint_url=s3_server.endpoint_url)
     prepare_dataset("", "synthetic", f"s3://{bucket}/prepared", data=data, progress=False)
     space = _space(tmp_path, {"train.lr": {"choice": [1e-3, 1e-2]}})
     overrides = [o for o in TINY if not o.startswith(("data.format", "data.synthetic", "tune."))]
@@ -105,15 +117,27 @@ def test_sweep_reads_its_data_from_s3(ray_session, s3_server, tmp_path):
             *overrides,
             "data.format=prepared",
             f"data.path=s3://{bucket}/prepared",
+            f"data.storage.endpoint_url={s3_server.endpoint_url}",
             "tune.num_samples=2",
             "tune.max_t=2",
             "tune.name=s3",
-            f"tune.storage_path={tmp_path}/sweeps",
+            f"tune.storage_path=s3://{bucket}/sweeps",
         ],
     )
+    before = copy.deepcopy(cfg.to_dict())
     summary = run_sweep(cfg, space, mode="local")
-    assert summary["n_trials"] == 2
-    with open(tmp_path / "sweeps" / "s3" / "trials.csv") as f:
-        rows = list(csv.DictReader(f))
+    assert cfg.to_dict() == before  # run_sweep works on its own copy
+    assert summary["n_trials"] == 2 and summary["path"] == f"s3://{bucket}/sweeps/s3"
+    client = s3_server.client()
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="sweeps/")["Contents"]}
+    for name in ("trials.csv", "trials.md", "best_config.yaml", "curves.png"):
+        assert f"sweeps/s3/{name}" in keys, name
+    assert any(k.startswith("sweeps/s3/runs/") and k.endswith("results.json") for k in keys)
+    assert not (Path.cwd() / "s3:").exists()  # nothing written to a local folder named s3:
+    body = client.get_object(Bucket=bucket, Key="sweeps/s3/trials.csv")["Body"].read().decode()
+    rows = list(csv.DictReader(io.StringIO(body)))
+    assert len(rows) == 2
     assert {r["status"] for r in rows} <= {"done", "stopped"}
     assert all(float(r["best"]) > 0 for r in rows)
+    png = client.get_object(Bucket=bucket, Key="sweeps/s3/curves.png")["Body"].read()
+    assert png[:4] == b"\x89PNG"

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from fearec_dist.config import load_config
 from fearec_dist.data.feed import read_examples_table
@@ -79,6 +80,7 @@ def _storage():
 
 def test_two_worker_run(ray_session, synth_cfg):
     from fearec_dist.data.datasets import prepare_run
+    from fearec_dist.train.checkpoint import load_state
     from fearec_dist.train.evaluate import evaluate_checkpoint
     from fearec_dist.train.trainer import run_training
 
@@ -110,6 +112,9 @@ def test_two_worker_run(ray_session, synth_cfg):
         if os.path.isdir(f"{run_dir}/{p}") and p.startswith("checkpoint_")
     )
     again = evaluate_checkpoint(f"{run_dir}/{ckpts[-1]}")
+    # each rank's own RNG states, gathered into rank 0's checkpoint
+    rng = load_state(f"{run_dir}/{ckpts[-1]}")["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
     assert again["n_valid"] == info["n_valid"] and again["n_test"] == info["n_test"]
     for split in ("valid", "test"):
         for key, value in results[split].items():
