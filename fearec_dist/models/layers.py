@@ -196,28 +196,38 @@ class FeedForward(nn.Module):
         return self.LayerNorm(x + self.dropout(self.dense_2(F.gelu(self.dense_1(x)))))
 
 
-class TransformerLayer(nn.Module):
+class PostLNBlock(nn.Module):
+    """One post-LN block (RecBole's ``TransformerLayer``): an attention sub-layer, then the
+    feed-forward. ``context`` is what the attention takes besides ``x``: the attention mask
+    (self-attention) or the position table (LightSANs' decoupled positions)."""
+
     def __init__(
-        self,
-        hidden: int,
-        n_heads: int,
-        inner: int,
-        hidden_dropout: float,
-        attn_dropout: float,
-        eps: float,
+        self, attention: nn.Module, hidden: int, inner: int, hidden_dropout: float, eps: float
     ) -> None:
         super().__init__()
-        self.multi_head_attention = MultiHeadAttention(
-            hidden, n_heads, hidden_dropout, attn_dropout, eps
-        )
+        self.multi_head_attention = attention
         self.feed_forward = FeedForward(hidden, inner, hidden_dropout, eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.feed_forward(self.multi_head_attention(x, mask))
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(self.multi_head_attention(x, context))
 
 
-class TransformerEncoder(nn.Module):
-    """``n_layers`` post-LN blocks (RecBole ``TransformerEncoder``); returns the last layer."""
+class BlockStack(nn.Module):
+    """``n_layers`` blocks applied in turn, each with the same ``context``; returns the last
+    layer's output (RecBole's encoders, ``output_all_encoded_layers=False``)."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, context)
+        return x
+
+
+class TransformerEncoder(BlockStack):
+    """``n_layers`` post-LN self-attention blocks (RecBole ``TransformerEncoder``)."""
 
     def __init__(
         self,
@@ -229,10 +239,17 @@ class TransformerEncoder(nn.Module):
         attn_dropout: float,
         eps: float,
     ) -> None:
-        super().__init__()
-        self.layer = nn.ModuleList(
-            TransformerLayer(hidden, n_heads, inner, hidden_dropout, attn_dropout, eps)
-            for _ in range(n_layers)
+        super().__init__(
+            [
+                PostLNBlock(
+                    MultiHeadAttention(hidden, n_heads, hidden_dropout, attn_dropout, eps),
+                    hidden,
+                    inner,
+                    hidden_dropout,
+                    eps,
+                )
+                for _ in range(n_layers)
+            ]
         )
 
     @classmethod
@@ -247,11 +264,6 @@ class TransformerEncoder(nn.Module):
             c.attn_dropout,
             c.layer_norm_eps,
         )
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        for layer in self.layer:
-            x = layer(x, mask)
-        return x
 
 
 class SequentialBase(nn.Module):

@@ -24,8 +24,9 @@ from torch import nn
 
 from fearec_dist.config import ConfigError
 from fearec_dist.models.layers import (
+    BlockStack,
     Dropout,
-    FeedForward,
+    PostLNBlock,
     SequentialBase,
     TransformerConfig,
     dropout,
@@ -119,55 +120,6 @@ class LightMultiHeadAttention(nn.Module):
         return self.LayerNorm(x + self.out_dropout(self.dense(ctx)))
 
 
-class LightTransformerLayer(nn.Module):
-    def __init__(
-        self,
-        hidden: int,
-        n_heads: int,
-        k_interests: int,
-        inner: int,
-        hidden_dropout: float,
-        attn_dropout: float,
-        eps: float,
-    ) -> None:
-        super().__init__()
-        self.multi_head_attention = LightMultiHeadAttention(
-            hidden, n_heads, k_interests, hidden_dropout, attn_dropout, eps
-        )
-        self.feed_forward = FeedForward(hidden, inner, hidden_dropout, eps)
-
-    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
-        return self.feed_forward(self.multi_head_attention(x, pos_emb))
-
-
-class LightTransformerEncoder(nn.Module):
-    """``n_layers`` LightSANs blocks; each gets the raw position table (§2)."""
-
-    def __init__(
-        self,
-        n_layers: int,
-        hidden: int,
-        n_heads: int,
-        k_interests: int,
-        inner: int,
-        hidden_dropout: float,
-        attn_dropout: float,
-        eps: float,
-    ) -> None:
-        super().__init__()
-        self.layer = nn.ModuleList(
-            LightTransformerLayer(
-                hidden, n_heads, k_interests, inner, hidden_dropout, attn_dropout, eps
-            )
-            for _ in range(n_layers)
-        )
-
-    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
-        for layer in self.layer:
-            x = layer(x, pos_emb)
-        return x
-
-
 class LightSANs(SequentialBase):
     """LightSANs over ``n_items`` real items (item table n_items + 1 rows, row 0 = padding).
 
@@ -183,15 +135,25 @@ class LightSANs(SequentialBase):
             n_items + 1, max_seq_len, c.hidden_size, c.hidden_dropout, c.layer_norm_eps
         )
         self.config, self.n_items = config, n_items
-        self.trm_encoder = LightTransformerEncoder(
-            c.n_layers,
-            c.hidden_size,
-            c.n_heads,
-            c.k_interests,
-            c.inner_size,
-            c.hidden_dropout,
-            c.attn_dropout,
-            c.layer_norm_eps,
+        # n_layers LightSANs blocks; each gets the raw position table (§2)
+        self.trm_encoder = BlockStack(
+            [
+                PostLNBlock(
+                    LightMultiHeadAttention(
+                        c.hidden_size,
+                        c.n_heads,
+                        c.k_interests,
+                        c.hidden_dropout,
+                        c.attn_dropout,
+                        c.layer_norm_eps,
+                    ),
+                    c.hidden_size,
+                    c.inner_size,
+                    c.hidden_dropout,
+                    c.layer_norm_eps,
+                )
+                for _ in range(c.n_layers)
+            ]
         )
         self.init_parameters()  # θ is a bare Parameter: it keeps its randn init
 

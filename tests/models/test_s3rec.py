@@ -27,13 +27,7 @@ N_ITEMS, L, A = 10, 6, 4
 M = N_ITEMS + 1  # mask token id
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, above all on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/models/conftest.py
 
 
 def attribute_table() -> torch.Tensor:
