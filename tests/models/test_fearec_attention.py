@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fearec_dist.models import build_model
-from fearec_dist.models.fearec import (
+from fearec_dist.models.fea_attention import (
     HybridAttention,
     aggregate_delays,
     circulant_index,

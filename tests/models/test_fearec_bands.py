@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fearec_dist.models.fearec import layer_band, topk_count
+from fearec_dist.models.fea_attention import layer_band, topk_count
 
 # spec §3.2's worked table: (L, n, g) -> [left, right) per layer
 BAND_TABLE = [
