@@ -66,7 +66,8 @@ def bare_child(args: argparse.Namespace) -> None:
     from fearec_dist.data.datasets import prepare_run
     from fearec_dist.data.feed import TrainFeed, read_examples_table
     from fearec_dist.models import build_model, get_spec
-    from fearec_dist.train.loop import build_optimizer, train_one_epoch
+    from fearec_dist.train.checkpoint import build_optimizer
+    from fearec_dist.train.loop import train_one_epoch
 
     torch.set_num_threads(args.threads)
     cfg = load_config(None, [*data_overrides(Path(args.work)), f"model.name={args.bare}"])

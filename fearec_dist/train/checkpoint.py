@@ -1,6 +1,7 @@
 """Checkpoint state: everything an exact resume needs, in one ``state.pt`` per checkpoint dir.
 
-Owns building the state (``TrainState.to_state``), restoring it (``TrainState.restore``), the
+Owns building the state (``build_train_state``: model, optimizer, progress; ``build_optimizer``;
+``TrainState.to_state``), restoring it (``TrainState.restore``), the
 per-rank RNG states (``rng_state``/``set_rng_state``/``gather_rng_states``), and the files
 (``save_state``, ``load_state``, ``load_state_uri``, ``latest_checkpoint``).
 
@@ -35,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fearec_dist.config import ExperimentConfig
+from fearec_dist.models.spec import ModelSpec
 from fearec_dist.train.progress import Progress
 
 STATE_FILE = "state.pt"
@@ -101,6 +104,18 @@ def restore_rng_state(saved: list[dict[str, Any]], rank: int) -> bool:
     return True
 
 
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> Any:
+    """Adam (spec §9); weight decay, when asked for, only on matrices (nanoGPT's grouping)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if weight_decay == 0:
+        return torch.optim.Adam(params, lr=lr)
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
 @dataclass
 class TrainState:
     """What a checkpoint saves and restores: the bare module, its optimizer, the progress and
@@ -129,6 +144,15 @@ class TrainState:
             "config": config,
             "data": {k: v for k, v in info.items() if k != "buckets"},
         }
+
+    def restore_from(self, checkpoint: Any, rank: int, device: torch.device) -> None:
+        """Restores from a ``ray.train.Checkpoint`` (rank 0 says so on the console)."""
+        with checkpoint.as_directory() as d:
+            self.restore(load_state(d, map_location=device), rank)
+        if rank == 0:
+            from fearec_dist.train.console import say
+
+            say(f"[fearec-dist] resumed from epoch {self.progress.epoch} ({checkpoint.path})")
 
     def restore(self, state: dict[str, Any], rank: int) -> None:
         """Loads a checkpoint dict into this state, and this rank's RNG states."""
@@ -218,3 +242,17 @@ def latest_checkpoint(uri: str, storage: Any = None) -> str:
         if is_complete(fs, f"{path}/{name}"):
             return f"{uri.rstrip('/')}/{name}"
     raise FileNotFoundError(f"{uri}: neither a checkpoint nor a run directory with a complete one")
+
+
+def build_train_state(
+    spec: ModelSpec, cfg: ExperimentConfig, info: dict[str, Any], device: torch.device, fresh: bool
+) -> TrainState:
+    """The bare model on ``device`` (a fresh finetune starts from the pretrained encoder), its
+    optimizer and an empty progress."""
+    from fearec_dist.train.stages import build_run_model, start_from_pretrained
+
+    module = build_run_model(spec, cfg, info).to(device)
+    if cfg.train.stage == "finetune" and fresh:
+        start_from_pretrained(spec, module, cfg)
+    optimizer = build_optimizer(module, cfg.train.lr, cfg.train.weight_decay)
+    return TrainState(module, optimizer, Progress())

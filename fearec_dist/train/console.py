@@ -12,6 +12,8 @@ import math
 import sys
 from typing import Any
 
+from fearec_dist.config import ExperimentConfig
+
 
 def say(message: str) -> None:
     """One console line. Written to stdout directly: Ray Train's patched ``print`` on workers
@@ -29,24 +31,27 @@ def quiet_ray_train_console() -> None:
 
 
 def print_start(
-    name: str,
-    n_params: int,
+    cfg: ExperimentConfig,
+    module: Any,
     world: int,
-    batch_size: int,
     steps: int,
-    negatives: int | None,
+    gathered: bool,
     device: Any,
     threads: int,
     run_dir: str,
 ) -> None:
-    """The derived values, once (nanoGPT's ``tokens_per_iter``): global batch, steps, negatives.
-
-    ``negatives``: InfoNCE candidates per row, or None for a model without a contrastive term.
-    """
-    nce = f"InfoNCE candidates/row {negatives - 1} | " if negatives is not None else ""
+    """The derived values, once (nanoGPT's ``tokens_per_iter``): global batch, steps per epoch
+    and, for a contrastive model, the InfoNCE candidates per row (``gathered``: from all
+    workers)."""
+    batch = cfg.train.batch_size
+    nce = ""
+    if getattr(module.config, "contrast", "none") != "none":
+        negatives = 2 * batch * (world if gathered else 1)
+        nce = f"InfoNCE candidates/row {negatives - 1} | "
+    n_params = sum(p.numel() for p in module.parameters())
     say(
-        f"[fearec-dist] {name}: {n_params:,} params | {world} worker(s) x batch {batch_size} = "
-        f"global batch {batch_size * world} | {steps} steps/epoch | {nce}device {device} | "
+        f"[fearec-dist] {cfg.model.name}: {n_params:,} params | {world} worker(s) x batch {batch} "
+        f"= global batch {batch * world} | {steps} steps/epoch | {nce}device {device} | "
         f"torch threads {threads} | run dir {run_dir}"
     )
 

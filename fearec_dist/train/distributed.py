@@ -1,4 +1,5 @@
-"""Collectives the trainer needs: the gather-with-gradient behind cross-worker negatives.
+"""Collectives the trainer needs: the gather-with-gradient behind cross-worker negatives, and the
+DDP wrapper (``wrap_ddp``) whose forward syncs gradients.
 
 The contrastive loss follows open_clip's "local loss + gather with grad": each worker scores its own
 rows against every worker's candidates, gathered with gradient, and DDP's gradient average then
@@ -69,3 +70,17 @@ def build_gather(enabled: bool) -> Gather | None:
     if dist.get_world_size() == 1:
         return None
     return all_gather_with_grad
+
+
+def wrap_ddp(module: torch.nn.Module, world: int) -> torch.nn.Module:
+    """Ray Train's DDP wrapper around ``module`` for ``world > 1`` (else ``module`` itself).
+
+    No buffer broadcast: FEARec's band masks are constant buffers, and evaluation runs on the
+    bare module (ranks may score unequal batch counts, which a DDP forward would not survive).
+    """
+    if world == 1:
+        return module
+    import ray.train.torch
+
+    kwargs = {"broadcast_buffers": False}
+    return ray.train.torch.prepare_model(module, parallel_strategy_kwargs=kwargs)

@@ -23,29 +23,17 @@ from typing import Any
 
 import torch
 
-from fearec_dist.config import ExperimentConfig
+from fearec_dist.config import ExperimentConfig, TrainSection
 from fearec_dist.data.feed import TrainFeed
+from fearec_dist.models.spec import ModelSpec
 from fearec_dist.train import checkpoint as ckpt
 from fearec_dist.train.console import print_epoch, print_start, quiet_ray_train_console, say
 from fearec_dist.train.device import autocast_for, device_for, to_device
-from fearec_dist.train.distributed import build_gather
+from fearec_dist.train.distributed import build_gather, wrap_ddp
 from fearec_dist.train.evaluate import evaluate
 from fearec_dist.train.faults import kill_if_asked
-from fearec_dist.train.progress import Progress, epoch_row, prefixed
+from fearec_dist.train.progress import epoch_row, prefixed
 from fearec_dist.train.report import Reporter
-from fearec_dist.train.stages import build_run_model, start_from_pretrained
-
-
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> Any:
-    """Adam (spec §9); weight decay, when asked for, only on matrices (nanoGPT's grouping)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if weight_decay == 0:
-        return torch.optim.Adam(params, lr=lr)
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr)
 
 
 def train_one_epoch(
@@ -92,6 +80,48 @@ def train_one_epoch(
     }
 
 
+def setup_worker(cfg: ExperimentConfig, rank: int) -> tuple[torch.device, int]:
+    """Console, torch threads, device and this rank's seeds; returns (device, threads)."""
+    quiet_ray_train_console()
+    threads = cfg.train.torch_threads or max(1, math.ceil(cfg.run.cpus_per_worker))
+    torch.set_num_threads(threads)
+    ckpt.seed_rank(cfg.train.seed, rank)
+    return device_for(cfg.run.use_gpu), threads
+
+
+def build_feed(
+    spec: ModelSpec, cfg: ExperimentConfig, info: dict[str, Any], module: Any
+) -> TrainFeed:
+    """This worker's training feed: a fixed number of steps per epoch on every rank."""
+    import ray.train
+
+    ctx, t = ray.train.get_context(), cfg.train
+    steps = max(1, info["n_train"] // (t.batch_size * ctx.get_world_size()))
+    return TrainFeed(
+        ray.train.get_dataset_shard("train"),
+        batch_size=t.batch_size,
+        steps=min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps,
+        seed=t.seed,
+        rank=ctx.get_world_rank(),
+        window=t.shuffle_window,
+        needs_partner=spec.needs_partner(module.config),
+    )
+
+
+def evaluate_epoch(
+    row: dict[str, Any], state: ckpt.TrainState, score: Any, t: TrainSection
+) -> None:
+    """Validation metrics into ``row``; on a new best, the test metrics and the weights too.
+
+    ``score(split)`` returns the metrics of this worker's shard of ``split``, all-reduced.
+    """
+    valid = score("valid")
+    row |= prefixed(valid, "valid")
+    if state.progress.record_valid(row["epoch"], valid, t.valid_metric, t.patience):
+        state.progress.test = prefixed(score("test"), "test")
+        state.keep_best()
+
+
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train entrypoint. ``config``: ``experiment`` (the config dict), ``examples`` (the
     examples' info.json), ``run_dir`` (URI of this run's output directory)."""
@@ -103,76 +133,45 @@ def train_func(config: dict[str, Any]) -> None:
     info, run_dir, t = config["examples"], config["run_dir"], cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    quiet_ray_train_console()
-    threads = t.torch_threads or max(1, math.ceil(cfg.run.cpus_per_worker))
-    torch.set_num_threads(threads)
-    device = device_for(cfg.run.use_gpu)
-    ckpt.seed_rank(t.seed, rank)
+    device, threads = setup_worker(cfg, rank)
 
-    # [1] the model (a finetune starts from the pretrained encoder) and its optimizer
-    spec = get_spec(cfg.model.name)
-    module = build_run_model(spec, cfg, info).to(device)
-    restored = ray.train.get_checkpoint()
-    if t.stage == "finetune" and restored is None:
-        start_from_pretrained(spec, module, cfg)
-    state = ckpt.TrainState(module, build_optimizer(module, t.lr, t.weight_decay), Progress())
-    loss_fn = spec.stage_loss(t.stage)
+    # [1] build the model (a fresh finetune from the pretrained encoder) and its optimizer
+    spec, restored = get_spec(cfg.model.name), ray.train.get_checkpoint()
+    state = ckpt.build_train_state(spec, cfg, info, device, fresh=restored is None)
+    loss_fn, gather = spec.stage_loss(t.stage), build_gather(t.gather_negatives)
 
-    # [2] restore: weights, optimizer, progress and this rank's RNG states
+    # [2] restore: weights, optimizer, progress and this rank's own RNG states
     if restored is not None:
-        with restored.as_directory() as d:
-            state.restore(ckpt.load_state(d, map_location=device), rank)
-        if rank == 0:
-            say(f"[fearec-dist] resumed from epoch {state.progress.epoch} ({restored.path})")
-    model = module
-    if world > 1:  # no buffer broadcast: FEARec's band masks are constants, eval runs unwrapped
-        kwargs = {"broadcast_buffers": False}
-        model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs=kwargs)
-    gather = build_gather(t.gather_negatives)
+        state.restore_from(restored, rank, device)
+    model = wrap_ddp(state.module, world)  # the forward that syncs gradients
 
-    # [3] shards: this worker's training feed and evaluation rows
-    steps = max(1, info["n_train"] // (t.batch_size * world))
-    steps = min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps
-    feed = TrainFeed(
-        ray.train.get_dataset_shard("train"),
-        batch_size=t.batch_size,
-        steps=steps,
-        seed=t.seed,
-        rank=rank,
-        window=t.shuffle_window,
-        needs_partner=spec.needs_partner(module.config),
-    )
-    shards = {s: ray.train.get_dataset_shard(s) for s in ("valid", "test")}
+    # [3] shards: the training feed, and the evaluation rows scored on the bare module
+    feed = build_feed(spec, cfg, info, state.module)
 
-    def eval_split(split: str) -> dict[str, float]:
-        rows = shards[split].iter_batches(batch_size=t.eval_batch_size, batch_format="pyarrow")
-        return evaluate(module, spec.full_scores, rows, t.topk, device, t.amp)
+    def score(split: str) -> dict[str, float]:
+        rows = ray.train.get_dataset_shard(split).iter_batches(
+            batch_size=t.eval_batch_size, batch_format="pyarrow"
+        )
+        return evaluate(state.module, spec.full_scores, rows, t.topk, device, t.amp)
 
     if rank == 0 and state.progress.epoch == 0:
-        contrast = getattr(module.config, "contrast", "none") != "none"
-        negatives = 2 * t.batch_size * (world if gather is not None else 1) if contrast else None
-        n_params = sum(p.numel() for p in module.parameters())
-        print_start(cfg.model.name, n_params, world, t.batch_size, steps, negatives, device,
-                    threads, run_dir)  # fmt: skip
+        print_start(cfg, state.module, world, feed.steps, gather is not None, device, threads,
+                    run_dir)  # fmt: skip
 
-    # [4] epochs: train, evaluate when due, [5] report every epoch (rank 0 checkpoints)
-    reporter, progress = Reporter(cfg, info, run_dir, rank, world), state.progress
-    for epoch in range(progress.epoch, t.epochs):
-        stats = train_one_epoch(model, module, loss_fn, feed, epoch, state.optimizer, device,
-                                t.amp, gather)  # fmt: skip
+    # [4] epochs: train, evaluate when due; [5] report every epoch (rank 0 checkpoints)
+    reporter = Reporter(cfg, info, run_dir, rank, world)
+    for epoch in range(state.progress.epoch, t.epochs):
+        stats = train_one_epoch(model, state.module, loss_fn, feed, epoch, state.optimizer,
+                                device, t.amp, gather)  # fmt: skip
         row = epoch_row(epoch + 1, stats, world)
         due = (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
         if due and t.stage != "pretrain":  # pretraining has no next-item head to rank
-            valid = eval_split("valid")
-            row |= prefixed(valid, "valid")
-            if progress.record_valid(epoch + 1, valid, t.valid_metric, t.patience):
-                progress.test = prefixed(eval_split("test"), "test")
-                state.keep_best()
-        progress.finish_epoch(row)
+            evaluate_epoch(row, state, score, t)
+        state.progress.finish_epoch(row)
         if rank == 0:
             print_epoch(row, t.valid_metric, t.epochs)
         reporter.report(row, state)
-        if progress.stopped_early:
+        if state.progress.stopped_early:
             if rank == 0:
                 say(f"[fearec-dist] early stop after {t.patience + 1} evals without gain")
             break
