@@ -21,6 +21,7 @@ class PeakRSS:
     def __init__(self, role: str | None = None) -> None:
         self.role = role
         self.peak_total = self.peak_driver = self.peak_pss = self.peak_role = 0
+        self.peak_role_pss = 0  # the largest PSS any one ``role`` process reached
         self.cpu_start: dict[int, float] = {}  # pid -> user + system seconds at the first sample
         self.cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
@@ -38,11 +39,13 @@ class PeakRSS:
                     self.cpu_start.setdefault(p.pid, self.cpu_last[p.pid] if tick == 0 else 0.0)
                     own = p.memory_info().rss
                     rss += own
-                    pss += p.memory_full_info().pss if tick % 5 == 0 else 0
+                    own_pss = p.memory_full_info().pss if tick % 5 == 0 else 0
+                    pss += own_pss
                     if p.pid == me.pid:
                         self.peak_driver = max(self.peak_driver, own)
                     elif self.role and self.role in " ".join(p.cmdline()):
                         self.peak_role = max(self.peak_role, own)
+                        self.peak_role_pss = max(self.peak_role_pss, own_pss)
                 except psutil.Error:
                     continue
             self.peak_total = max(self.peak_total, rss)

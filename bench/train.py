@@ -7,9 +7,9 @@
 
 Cases, per model (SASRec and FEARec ``fearec_official``, batch 256 per step, L 50):
 
-- ``bare 1x2``: the project's own epoch loop (``train_one_epoch`` with the real ``TrainFeed``,
-  partners, whole-shard shuffle, forward/backward/Adam) over the same examples read from disk,
-  no Ray, 2 torch threads, in a child process;
+- ``bare 1x2``: the project's own epoch loop (``train_one_epoch`` with the feed's own buffer,
+  partners, chunks and shuffle buffer as the epoch job makes them, forward/backward/Adam) over
+  the same examples, built in the process, no Ray, 2 torch threads, in a child process;
 - ``ray 1x2``: ``run_training`` through Ray Train + Ray Data, one worker with 2 threads;
 - ``ray 2x1``: two DDP workers with 1 thread each, batch 128 per worker (global 256), gathered
   negatives.
@@ -60,11 +60,14 @@ def data_overrides(work: Path) -> list[str]:
 def bare_child(args: argparse.Namespace) -> None:
     """Child process: the epoch loop without Ray; prints one JSON line."""
     import numpy as np
+    import pyarrow as pa
     import torch
 
     from fearec_dist.config import load_config
     from fearec_dist.data.datasets import prepare_run
-    from fearec_dist.data.feed import TrainFeed, read_examples_table
+    from fearec_dist.data.epochs import TrainRows, pair_and_scatter
+    from fearec_dist.data.feed import shard_batches
+    from fearec_dist.data.sequences import read_sequences
     from fearec_dist.models import build_model, get_spec
     from fearec_dist.train.checkpoint import build_optimizer
     from fearec_dist.train.loop import train_one_epoch
@@ -72,30 +75,34 @@ def bare_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config(None, [*data_overrides(Path(args.work)), f"model.name={args.bare}"])
     _, info = prepare_run(cfg)
-    buckets = []
-    for b in info["buckets"]:
-        rows = read_examples_table(b["paths"], cfg.storage)
-        rows["bucket"] = np.full(len(rows["target"]), b["bucket"], dtype=np.int32)
-        buckets.append(rows)
-
-    class Shard:  # what TrainFeed reads from a Ray Data shard: one numpy dict per bucket
-        def iter_batches(self, **_: object):
-            return iter(buckets)
-
-    steps = info["n_train"] // BATCH
-    steps = min(steps, args.steps) if args.steps else steps
     spec = get_spec(args.bare)
     torch.manual_seed(0)
     model = build_model(args.bare, n_items=info["n_items"], max_seq_len=info["max_seq_len"])
-    feed = TrainFeed(
-        Shard(),
-        batch_size=BATCH,
-        steps=steps,
-        seed=0,
-        rank=0,
-        window=0,
-        needs_partner=spec.needs_partner(model.config),
+    # the epoch job's output, built in this process: every example, paired, in permuted chunks
+    offsets, items, users = read_sequences(info["prepared_uri"], cfg.storage)
+    seqs = pa.table(
+        {"user": users, "items": pa.ListArray.from_arrays(offsets.astype(np.int32), items)}
     )
+    pair = spec.needs_partner(model.config)
+    chunks = list(pair_and_scatter(TrainRows(info["max_seq_len"])(seqs), 0, 0, pair, 1024))
+    chunks = [chunks[i] for i in np.random.default_rng(0).permutation(len(chunks))]
+    steps = info["n_train"] // BATCH
+    steps = min(steps, args.steps) if args.steps else steps
+
+    class LocalFeed:  # TrainFeed's interface over the chunks in memory
+        rank, padded, skipped, wait_s, plan_wait_s = 0, 0, 0, 0.0, 0.0
+
+        def __init__(self) -> None:
+            self.steps = steps
+
+        def epoch(self, epoch: int, skip: int = 0):
+            stats: dict[str, float] = {}
+            yield from shard_batches(iter(chunks), batch_size=BATCH, steps=steps,
+                                     buffer_size=65536, rng=np.random.default_rng(epoch),
+                                     skip=skip, stats=stats)  # fmt: skip
+            self.wait_s, self.skipped = stats["wait_s"], int(stats["skipped"])
+
+    feed = LocalFeed()
     optimizer = build_optimizer(model, 1e-3, 0.0)
     device = torch.device("cpu")
     stats = train_one_epoch(model, model, spec.loss_terms, feed, 0, optimizer, device, "off", None)

@@ -50,7 +50,9 @@ class DataSection:
     min_item_inter: int = 0
     rating_threshold: float | None = None
     max_seq_len: int = 50  # L: histories keep the most recent L items
-    n_buckets: int = 64  # target-keyed example buckets (same-target partners are drawn inside one)
+    n_buckets: int = 64  # ignored since the streaming feed (kept so that older configs load)
+    block_rows: int = 1024  # examples per block of the epoch stream (the unit of prefetch)
+    partition_mb: int = 64  # examples per hash partition of the same-target pairing shuffle
     synthetic_users: int = 2000  # only for format=synthetic
     synthetic_items: int = 500
     seed: int = 0
@@ -62,8 +64,9 @@ class DataSection:
             raise ConfigError(f"data.format: {self.format!r} is not one of {', '.join(FORMATS)}")
         if self.max_seq_len < 1:
             raise ConfigError(f"data.max_seq_len: must be >= 1, got {self.max_seq_len}")
-        if self.n_buckets < 1:
-            raise ConfigError(f"data.n_buckets: must be >= 1, got {self.n_buckets}")
+        for key in ("n_buckets", "block_rows", "partition_mb"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}: must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -88,7 +91,10 @@ class TrainSection:
     topk: list[int] = field(default_factory=lambda: [5, 10, 20])
     seed: int = 2026
     gather_negatives: bool = True  # contrastive candidates from all workers (with gradient)
-    shuffle_window: int = 0  # examples per worker shuffle window; 0 = the worker's whole shard
+    shuffle_window: int = 65536  # examples in each worker's shuffle buffer (bounds its memory)
+    prefetch_blocks: int = 4  # blocks of the epoch stream each worker fetches ahead
+    valid_users: int = 0  # validate each epoch on a fixed seeded sample of N users; 0 = all
+    evaluate: bool = True  # false: no validation or test at all (production retrains, benches)
     torch_threads: int = 0  # 0 = cpus_per_worker rounded up
     amp: str = "auto"  # auto | off | bf16 | fp16 (auto = bf16 on CUDA when supported)
     max_steps_per_epoch: int = 0  # 0 = whole epoch; a cap for smoke tests and benchmarks
@@ -97,9 +103,17 @@ class TrainSection:
     allow_scratch: bool = False  # finetune without a pretrained checkpoint only if asked
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
+        for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "prefetch_blocks"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.shuffle_window < self.batch_size:
+            raise ConfigError(
+                f"train.shuffle_window: the shuffle buffer ({self.shuffle_window} examples) must "
+                f"hold at least one batch ({self.batch_size}); 0 (a worker's whole shard) is "
+                "gone since the feed streams: use e.g. 65536"
+            )
+        if self.valid_users < 0:
+            raise ConfigError(f"train.valid_users: must be >= 0, got {self.valid_users}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
         if self.patience < 0:
@@ -128,6 +142,7 @@ class RunSection:
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     checkpoints_to_keep: int = 2
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps inside an epoch; 0 = per epoch
     # custom Ray resources each worker also requests, e.g. {"trainer_slot": 1} with one slot per
     # node places one worker per node; the names must match the nodes' `--resources`
     worker_resources: dict[str, float] = field(default_factory=dict)
@@ -135,6 +150,10 @@ class RunSection:
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise ConfigError(f"run.workers: must be >= 0, got {self.workers}")
+        if self.checkpoint_every_steps < 0:
+            raise ConfigError(
+                f"run.checkpoint_every_steps: must be >= 0, got {self.checkpoint_every_steps}"
+            )
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"run.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
         resources = {}

@@ -118,7 +118,7 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     name = f"{config['sweep_name']}-{tune.get_context().get_trial_id()}"
     trainer = build_trainer(
         cfg,
-        build_datasets(info, cfg.storage),
+        build_datasets(cfg, info),
         info,
         mode="cluster",
         name=name,
@@ -174,6 +174,7 @@ def run_sweep(cfg: ExperimentConfig, space_path: str | Path, mode: str = "local"
                 },
                 tune_config=tune.TuneConfig(
                     scheduler=ASHAScheduler(
+                        time_attr="epoch",  # not training_iteration: step checkpoints report too
                         metric=cfg.tune.metric,
                         mode=cfg.tune.mode,
                         max_t=cfg.tune.max_t,

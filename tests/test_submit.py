@@ -42,7 +42,6 @@ TINY = [
     "data.synthetic_users=200",
     "data.synthetic_items=50",
     "data.max_seq_len=20",
-    "data.n_buckets=8",
 ]
 
 

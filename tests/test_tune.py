@@ -17,7 +17,6 @@ TINY = [
     "data.synthetic_users=200",
     "data.synthetic_items=40",
     "data.max_seq_len=16",
-    "data.n_buckets=4",
     "model.name=sasrec",
     "model.hidden_size=16",
     "model.inner_size=32",

@@ -3,9 +3,12 @@
 Owns, in order:
 
 1. ``ensure_prepared``: raw input (or the synthetic generator) -> ``prepare`` (cached by content).
-2. ``prepare_run``: that, plus ``build_examples`` (target-bucketed examples, cached by L).
-3. ``build_datasets``: Ray datasets over the examples (train: whole buckets; valid/test: rows).
-4. ``UnevenSplitDataConfig``: how Ray Train splits them over the workers (``equal=False``).
+2. ``prepare_run``: that, plus ``build_examples`` (the examples' counts, cached by L).
+3. ``start_feed``: the run's ``EpochPlanner`` actor, which builds each epoch's training stream
+   (``data/epochs.py``); it travels to the workers in the train loop config.
+4. ``build_datasets``: the valid/test Ray datasets (rows cut from the sequences on the fly;
+   validation on a seeded sample of ``train.valid_users`` users when set).
+5. ``UnevenSplitDataConfig``: how Ray Train splits valid/test over the workers (``equal=False``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import hashlib
 import json
 from typing import Any
 
-from fearec_dist.config import ExperimentConfig, StorageSection
+from fearec_dist.config import ExperimentConfig
 from fearec_dist.storage import storage_root
 
 
@@ -48,24 +51,44 @@ def prepare_run(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     from fearec_dist.data.examples import build_examples
 
     prepared = ensure_prepared(cfg)
-    info = build_examples(prepared, cfg.data.max_seq_len, cfg.data.n_buckets, cfg.storage)
+    info = build_examples(prepared, cfg.data.max_seq_len, cfg.storage)
     print(
         f"[fearec-dist] examples: {info['n_train']:,} train / {info['n_valid']:,} valid / "
-        f"{info['n_test']:,} test, {info['n_items']:,} items, {len(info['buckets'])} buckets "
-        f"(largest {info['largest_bucket']:,}) at {info['uri']}"
+        f"{info['n_test']:,} test, {info['n_items']:,} items (cut from the sequences of "
+        f"{prepared})"
     )
     return prepared, info
 
 
-def build_datasets(info: dict[str, Any], storage: StorageSection) -> dict[str, Any]:
-    """``{"train", "valid", "test"}`` Ray datasets over the examples described by ``info``."""
-    from fearec_dist.data.feed import eval_dataset, train_dataset
+def build_datasets(cfg: ExperimentConfig, info: dict[str, Any]) -> dict[str, Any]:
+    """``{"valid", "test"}`` Ray datasets (none with ``train.evaluate: false``). Validation uses
+    a fixed seeded sample of ``train.valid_users`` users when set; test always every user."""
+    from fearec_dist.data.examples import eval_dataset, sample_users
 
+    if not cfg.train.evaluate:
+        return {}
+    users = sample_users(info["n_users"], cfg.train.valid_users, cfg.train.seed)
     return {
-        "train": train_dataset(info, storage),
-        "valid": eval_dataset(info, "valid", storage),
-        "test": eval_dataset(info, "test", storage),
+        "valid": eval_dataset(info, "valid", cfg.storage, users),
+        "test": eval_dataset(info, "test", cfg.storage),
     }
+
+
+def start_feed(cfg: ExperimentConfig, info: dict[str, Any], world: int, needs_partner: bool) -> Any:
+    """The run's ``EpochPlanner`` actor for ``world`` ranks (see ``data/epochs.py``)."""
+    from fearec_dist.data.epochs import start_planner
+
+    params = {
+        "prepared_uri": info["prepared_uri"],
+        "max_seq_len": info["max_seq_len"],
+        "seed": cfg.train.seed,
+        "pair": needs_partner,
+        "n_examples": info["n_train"],
+        "block_rows": cfg.data.block_rows,
+        "partition_bytes": cfg.data.partition_mb << 20,
+        "storage": cfg.storage,
+    }
+    return start_planner(params, world, cfg.train.epochs)
 
 
 def uneven_data_config(shard_locality: bool = True) -> Any:

@@ -1,27 +1,25 @@
-"""Training and evaluation examples, built once per max_seq_len by a Ray Data job.
+"""Training and evaluation examples, cut on the fly from the prepared sequences.
 
-Layout, beside the prepared data and keyed by L, the bucket count and the prepared fingerprint::
+Nothing per example is written to disk: a training example (user u, target position t) is
+``items[max(0, t - L):t] -> items[t]`` of u's sequence, so the examples are a view of
+``<prepared>/sequences``. What is built once per (prepared dataset, L) is only their counts, in
+one streaming pass (constant driver memory)::
 
-    <prepared>/examples/L<L>-K<K>-<fingerprint>/
-        train/bucket-<b>/part-<first user>-<n users>.parquet
-              history:fixed_size_list<int32>[L], length:int32, target:int32, user:int32
-        valid/part-….parquet, test/part-….parquet    the same + seen:list<int32>
-        info.json                                   written last: the commit marker
+    <prepared>/examples/L<L>-<fingerprint>/
+        info.json            counts (n_train, n_valid, n_test), n_items, n_users, L, fingerprint
+        item_counts.parquet  training examples per target item (index = item id; valid and test
+                             targets are not counted), for popularity baselines and samplers
 
-Training examples are written in buckets keyed by target (``bucket_of[target]``), so every
-same-target group lives in one bucket and a worker that reads a bucket draws partners exactly,
-without an all-pairs index and without a shuffle between workers (DESIGN.md). ``bucket_of`` is a
-longest-processing-time assignment of items to buckets by interaction count (O(n_items log K)).
-An item whose own group outgrows the average bucket simply gets a bucket to itself; it stays whole,
-so pairing stays exact, and ``info.json`` records the largest bucket.
+``info.json`` is written last: it is the commit marker. Evaluation rows (valid/test: history,
+length, target, user and ``seen``, the user's whole history before the target) come from
+``eval_dataset``, a Ray Data job over the sequences, optionally restricted to a seeded sample of
+users; the training feed is ``data/epochs.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
-import posixpath
 import time
 from typing import Any
 
@@ -30,10 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fearec_dist.config import StorageSection
-from fearec_dist.data.sequences import build_loo_examples
-from fearec_dist.storage import read_json, resolve, write_json
+from fearec_dist.data.sequences import build_loo_examples, gather_ranges
+from fearec_dist.storage import open_output, read_json, resolve, write_json
 
-EXAMPLES_VERSION = 1
+EXAMPLES_VERSION = 2
+DATA_TASK_CPUS = 0.25
 
 
 def fingerprint(meta: dict[str, Any]) -> str:
@@ -41,138 +40,167 @@ def fingerprint(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def examples_uri(prepared_uri: str, meta: dict[str, Any], max_seq_len: int, n_buckets: int) -> str:
-    return f"{prepared_uri.rstrip('/')}/examples/L{max_seq_len}-K{n_buckets}-{fingerprint(meta)}"
+def examples_uri(prepared_uri: str, meta: dict[str, Any], max_seq_len: int) -> str:
+    return f"{prepared_uri.rstrip('/')}/examples/L{max_seq_len}-{fingerprint(meta)}"
 
 
-def assign_buckets(counts: np.ndarray, n_buckets: int) -> np.ndarray:
-    """Greedy LPT: items by count descending, each into the currently lightest bucket.
-
-    Args:
-        counts: (n_items + 1,) interactions per item id (index 0 = padding, ignored).
-        n_buckets: K.
-
-    Returns:
-        (n_items + 1,) int32 bucket of each item id.
-    """
-    bucket_of = np.zeros(len(counts), dtype=np.int32)
-    heap = [(0, b) for b in range(n_buckets)]
-    order = np.argsort(-counts[1:], kind="stable") + 1
-    for item in order:
-        load, b = heapq.heappop(heap)
-        bucket_of[item] = b
-        heapq.heappush(heap, (load + int(counts[item]), b))
-    return bucket_of
-
-
-def _history_array(history: np.ndarray, max_seq_len: int) -> pa.Array:
-    flat = pa.array(np.ascontiguousarray(history, dtype=np.int32).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, max_seq_len)
-
-
-def _csr_list_array(offsets: np.ndarray, items: np.ndarray) -> pa.Array:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(items, pa.int32()))
-
-
-def examples_table(split: dict[str, np.ndarray], max_seq_len: int) -> pa.Table:
-    cols = {
-        "history": _history_array(split["history"], max_seq_len),
-        "length": pa.array(split["length"], pa.int32()),
-        "target": pa.array(split["target"], pa.int32()),
-        "user": pa.array(split["user"], pa.int32()),
-    }
-    if "seen_offsets" in split:
-        cols["seen"] = _csr_list_array(split["seen_offsets"], split["seen_items"])
-    return pa.table(cols)
-
-
-def _batch_to_csr(batch: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sequences_csr(batch: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch of ``user``/``items`` rows -> (offsets (U + 1,), items (I,) int32, users (U,))."""
     items_col = batch.column("items").combine_chunks()
     offsets = items_col.offsets.to_numpy().astype(np.int64)
-    offsets = offsets - offsets[0]
-    items = items_col.flatten().to_numpy().astype(np.int32)
-    users = batch.column("user").to_numpy().astype(np.int32)
-    return offsets, items, users
+    items = items_col.values.to_numpy().astype(np.int32)[offsets[0] : offsets[-1]]
+    return offsets - offsets[0], items, batch.column("user").to_numpy().astype(np.int32)
 
 
-class _ExampleWriter:
-    """Ray Data UDF: one batch of user sequences -> example part files; returns their counts."""
+def dense(col: Any) -> np.ndarray:
+    """A fixed_size_list<…>[L] column (Array or ChunkedArray) -> (N, L) numpy, zero-copy where
+    the column is one chunk."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    width = arr.type.list_size
+    flat = arr.values.to_numpy(zero_copy_only=False)
+    return flat[arr.offset * width : (arr.offset + len(arr)) * width].reshape(-1, width)
 
-    def __init__(
-        self, out_uri: str, max_seq_len: int, bucket_of: np.ndarray, storage: StorageSection
-    ) -> None:
-        self.out_uri, self.max_seq_len, self.bucket_of = out_uri, max_seq_len, bucket_of
-        self.storage = storage
+
+def fixed_list(x: np.ndarray) -> pa.Array:
+    """(N, L) -> fixed_size_list<…>[L]."""
+    flat = pa.array(np.ascontiguousarray(x).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, x.shape[1])
+
+
+def examples_table(split: dict[str, np.ndarray]) -> pa.Table:
+    """An evaluation split (see ``build_loo_examples``) as the rows ``eval_batch_from_arrow``
+    reads: history, length, target, user, seen."""
+    seen = pa.ListArray.from_arrays(
+        pa.array(split["seen_offsets"].astype(np.int32)), pa.array(split["seen_items"], pa.int32())
+    )
+    return pa.table(
+        {
+            "history": fixed_list(split["history"]),
+            "length": pa.array(split["length"], pa.int32()),
+            "target": pa.array(split["target"], pa.int32()),
+            "user": pa.array(split["user"], pa.int32()),
+            "seen": seen,
+        }
+    )
+
+
+class EvalRows:
+    """Ray Data UDF: user sequences -> their ``split`` rows (valid or test), for all users or
+    only those in ``users`` (sorted int32 ids)."""
+
+    def __init__(self, split: str, max_seq_len: int, users: np.ndarray | None) -> None:
+        self.split, self.max_seq_len, self.users = split, max_seq_len, users
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        offsets, items, users = sequences_csr(batch)
+        if self.users is not None:
+            keep = np.flatnonzero(np.isin(users, self.users))
+            lens = np.diff(offsets)[keep]
+            items = items[gather_ranges(offsets[:-1][keep], lens)]
+            offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+            users = users[keep]
+        part = build_loo_examples(offsets, items, users, self.max_seq_len, splits=(self.split,))
+        return examples_table(part[self.split])
+
+
+def sample_users(n_users: int, k: int, seed: int) -> np.ndarray | None:
+    """A fixed seeded sample of ``k`` user ids out of 1..n_users (sorted), or None for all."""
+    if k <= 0 or k >= n_users:
+        return None
+    rng = np.random.default_rng([seed, 41])
+    return np.sort(rng.choice(np.arange(1, n_users + 1, dtype=np.int32), k, replace=False))
+
+
+def sequences_dataset(prepared_uri: str, storage: StorageSection | None) -> Any:
+    import ray.data
+
+    fs, root = resolve(f"{prepared_uri.rstrip('/')}/sequences", storage)
+    ds = ray.data.read_parquet(root, filesystem=fs, num_cpus=DATA_TASK_CPUS)
+    return ds.select_columns(["user", "items"])  # pushed down into the Parquet read
+
+
+def eval_dataset(
+    info: dict[str, Any],
+    split: str,
+    storage: StorageSection | None,
+    users: np.ndarray | None = None,
+) -> Any:
+    """The Ray dataset of ``split``'s evaluation rows, cut from the sequences as they stream."""
+    ds = sequences_dataset(info["prepared_uri"], storage)
+    return ds.map_batches(
+        EvalRows(split, info["max_seq_len"], users),
+        batch_format="pyarrow",
+        num_cpus=DATA_TASK_CPUS,
+    )
+
+
+def iter_eval_rows(
+    info: dict[str, Any],
+    split: str,
+    batch_size: int,
+    storage: StorageSection | None = None,
+    users: np.ndarray | None = None,
+) -> Any:
+    """The same rows as ``eval_dataset``, in this process (no Ray): the sequences are read
+    ``batch_size`` users at a time, so memory stays bounded."""
+    import pyarrow.dataset as pads
+
+    fs, root = resolve(f"{info['prepared_uri'].rstrip('/')}/sequences", storage)
+    rows = EvalRows(split, info["max_seq_len"], users)
+    source = pads.dataset(root, filesystem=fs, format="parquet")
+    for batch in source.to_batches(columns=["user", "items"], batch_size=batch_size):
+        table = rows(pa.Table.from_batches([batch]))
+        if table.num_rows:
+            yield table
+
+
+class _Count:
+    """Ray Data UDF: a batch of sequences -> its example counts and training-target counts."""
+
+    def __init__(self, n_items: int) -> None:
+        self.n_items = n_items
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        offsets, items, users = _batch_to_csr(batch)
-        splits = build_loo_examples(offsets, items, users, self.max_seq_len)
-        fs, root = resolve(self.out_uri, self.storage)
-        # A deterministic name per input batch: a retried task overwrites rather than duplicates.
-        name = f"part-{int(users.min()) if len(users) else 0:010d}-{len(users):07d}.parquet"
-        train = splits["train"]
-        buckets = self.bucket_of[train["target"]]
-        counts = np.bincount(buckets, minlength=int(self.bucket_of.max()) + 1)
-        written = []
-        for b in np.flatnonzero(counts):
-            rows = {k: v[buckets == b] for k, v in train.items()}
-            path = posixpath.join(root, "train", f"bucket-{b:05d}", name)
-            fs.create_dir(posixpath.dirname(path), recursive=True)
-            pq.write_table(examples_table(rows, self.max_seq_len), path, filesystem=fs)
-            written.append(int(b))
-        for split in ("valid", "test"):
-            if len(splits[split]["target"]):
-                fs.create_dir(posixpath.join(root, split), recursive=True)
-                table = examples_table(splits[split], self.max_seq_len)
-                pq.write_table(table, posixpath.join(root, split, name), filesystem=fs)
+        offsets, items, _ = sequences_csr(batch)
+        lens = np.diff(offsets)
+        samples = np.maximum(lens - 1, 0)
+        n_test = int((samples >= 2).sum())
+        n_valid = int((samples >= 3).sum())
+        n_train = int(samples.sum()) - n_test - n_valid
+        # training targets: positions 1 .. n - 3 (1 .. n - 2 with two items, none with one)
+        last = np.where(samples >= 3, lens - 3, np.where(samples >= 1, 1, 0))
+        pos = np.arange(len(items)) - np.repeat(offsets[:-1], lens)
+        train_item = items[(pos >= 1) & (pos <= np.repeat(last, lens))]
+        counts = np.bincount(train_item, minlength=self.n_items + 1)
         return {
-            "name": np.array([name]),
-            "buckets": np.array([json.dumps(written)]),
-            "bucket_counts": np.array([json.dumps(counts.tolist())]),
-            "n_valid": np.array([len(splits["valid"]["target"])]),
-            "n_test": np.array([len(splits["test"]["target"])]),
+            "n": np.array([[n_train, n_valid, n_test]], dtype=np.int64),
+            "counts": counts[None, :].astype(np.int64),
         }
-
-
-def _item_counts(ds: Any, n_items: int) -> np.ndarray:
-    """Interactions per item id, streamed block by block (constant driver memory)."""
-
-    def count(batch: pa.Table) -> dict[str, np.ndarray]:
-        flat = batch.column("items").combine_chunks().flatten().to_numpy()
-        return {"counts": np.bincount(flat, minlength=n_items + 1)[None, :]}
-
-    total = np.zeros(n_items + 1, dtype=np.int64)
-    for b in ds.map_batches(count, batch_format="pyarrow").iter_batches(batch_size=1):
-        total += b["counts"][0]
-    return total
 
 
 def build_examples(
     prepared_uri: str,
     max_seq_len: int,
-    n_buckets: int,
     storage: StorageSection | None = None,
     *,
     rebuild: bool = False,
 ) -> dict[str, Any]:
-    """Builds (or finds cached) examples for ``max_seq_len`` and returns their ``info.json``.
+    """Counts (or finds counted) the examples for ``max_seq_len``; returns their ``info.json``.
 
     Args:
         prepared_uri: the output of ``fearec-dist prepare`` (local path or URI).
         max_seq_len: L.
-        n_buckets: K target-keyed buckets of training examples (K >> workers).
-        storage: object-storage options for both URIs.
-        rebuild: ignore a cached build.
+        storage: object-storage options.
+        rebuild: ignore a cached count.
 
     Returns:
-        info dict: ``uri``, ``n_train``, ``n_valid``, ``n_test``, ``buckets`` (list of
-        ``{"bucket", "n", "paths"}``), ``n_items``, ``n_users``, ``max_seq_len``, ``fingerprint``.
+        info dict: ``uri`` (this directory), ``prepared_uri``, ``n_train``, ``n_valid``,
+        ``n_test``, ``n_items``, ``n_users``, ``max_seq_len``, ``fingerprint``,
+        ``build_seconds``.
     """
-    import ray.data
-
     storage = storage or StorageSection()
     meta = read_json(f"{prepared_uri.rstrip('/')}/meta.json", storage)
-    out_uri = examples_uri(prepared_uri, meta, max_seq_len, n_buckets)
+    out_uri = examples_uri(prepared_uri, meta, max_seq_len)
     if not rebuild:
         try:
             info = read_json(f"{out_uri}/info.json", storage)
@@ -181,41 +209,35 @@ def build_examples(
         except (FileNotFoundError, OSError, ValueError):
             pass
     start = time.time()
-    fs, seq_root = resolve(f"{prepared_uri.rstrip('/')}/sequences", storage)
-    ds = ray.data.read_parquet(seq_root, filesystem=fs, columns=["user", "items"])
     n_items = int(meta["n_items"])
-    bucket_of = assign_buckets(_item_counts(ds, n_items), n_buckets)
-    writer = _ExampleWriter(out_uri, max_seq_len, bucket_of, storage)
-    parts = ds.map_batches(writer, batch_format="pyarrow", batch_size=20_000).take_all()
-    _, out_root = resolve(out_uri, storage)
-    prefix = out_uri.rstrip("/")
-    per_bucket: dict[int, dict[str, Any]] = {}
-    n_valid = n_test = 0
-    for part in parts:
-        counts = json.loads(part["bucket_counts"])
-        for b in json.loads(part["buckets"]):
-            entry = per_bucket.setdefault(b, {"bucket": b, "n": 0, "paths": []})
-            entry["n"] += counts[b]
-            entry["paths"].append(f"{prefix}/train/bucket-{b:05d}/{part['name']}")
-        n_valid += int(part["n_valid"])
-        n_test += int(part["n_test"])
-    buckets = [per_bucket[b] for b in sorted(per_bucket)]
-    sizes = [b["n"] for b in buckets] or [0]
+    totals = np.zeros(3, dtype=np.int64)
+    counts = np.zeros(n_items + 1, dtype=np.int64)
+    ds = sequences_dataset(prepared_uri, storage).map_batches(
+        _Count(n_items), batch_format="pyarrow", num_cpus=DATA_TASK_CPUS
+    )
+    for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        totals += part["n"].sum(axis=0)
+        counts += part["counts"].sum(axis=0)
+    with open_output(f"{out_uri}/item_counts.parquet", storage) as f:
+        pq.write_table(pa.table({"count": pa.array(counts)}), f)
     info = {
         "version": EXAMPLES_VERSION,
-        "uri": prefix,
+        "uri": out_uri,
         "prepared_uri": prepared_uri,
         "fingerprint": fingerprint(meta),
         "max_seq_len": max_seq_len,
-        "n_buckets": n_buckets,
         "n_items": n_items,
         "n_users": int(meta["n_users"]),
-        "n_train": int(sum(sizes)),
-        "n_valid": n_valid,
-        "n_test": n_test,
-        "largest_bucket": int(max(sizes)),
-        "buckets": buckets,
+        "n_train": int(totals[0]),
+        "n_valid": int(totals[1]),
+        "n_test": int(totals[2]),
         "build_seconds": round(time.time() - start, 2),
     }
-    write_json(f"{prefix}/info.json", info, storage)  # last: the commit marker
+    write_json(f"{out_uri}/info.json", info, storage)  # last: the commit marker
     return info
+
+
+def read_item_counts(info: dict[str, Any], storage: StorageSection | None = None) -> np.ndarray:
+    """(n_items + 1,) training examples per target item (``item_counts.parquet``)."""
+    fs, path = resolve(f"{info['uri']}/item_counts.parquet", storage)
+    return pq.read_table(path, filesystem=fs).column("count").to_numpy()

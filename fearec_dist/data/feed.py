@@ -1,27 +1,17 @@
-"""What the train workers read: Ray Data datasets over the examples, and the per-worker batch feed.
+"""What a train worker reads: its stream of the epoch's examples, as fixed-size batches.
 
-Training feed (DESIGN.md "Same-target positives"):
-  driver: a dataset of bucket paths, block order randomised every epoch, each bucket read whole
-          inside ``map_batches(batch_size=1)`` and split over workers with ``equal=False``
-          (``equal=True`` would cut a bucket in two and drop rows);
-  worker: ``iter_batches(batch_size=None)`` yields one whole bucket at a time -> same-target partner
-          drawn inside the bucket (seeded by run seed, epoch, bucket) -> shuffle over a window of
-          buckets -> fixed-size batches.
+The epoch's examples come from the run's ``EpochPlanner`` (``data/epochs.py``): rank r asks for
+epoch e and gets its equal, contiguous share of the epoch's paired and permuted chunks as a
+``MaterializedDataset``. ``TrainFeed.epoch`` streams it block by block (``prefetch_blocks`` in
+flight) into a ``ShuffleBuffer`` of ``shuffle_buffer`` examples and draws every batch uniformly
+from the buffer, with a generator seeded by (seed, epoch, rank): the batches of an epoch are a
+function of the config, so a run is reproducible with W workers and ``epoch(e, skip=k)`` resumes
+exactly at batch k (the first k draws are replayed without training on them).
 
-Shuffle: bucket order is re-drawn every epoch (Ray Data's ``randomize_block_order``) and each
-worker permutes the examples of a window of ``shuffle_window`` examples (0, the default: its
-whole shard of the epoch). The window must be large: a bucket holds the examples of only 1/K of
-the targets, so batches drawn from a few buckets would train on a few targets at a time and
-forget the rest (measured on the synthetic data: valid HR@10 fell from 0.20 to 0.13 between
-epochs with 4-bucket windows, while an i.i.d. loader reaches 0.9). With the whole shard, each
-worker's batches are i.i.d. over its shard, and the global batch (all workers, DDP) covers the
-whole catalogue. Memory per worker: n_train / workers × (2L + 4) × 4 bytes. Each example moves
-once per epoch ((L + 3) × 4 bytes), with no all-to-all exchange.
-
-Ranks receive unequal numbers of examples, but every rank must run the same number of DDP steps.
-All ranks run ``steps = n_train // (batch_size * world_size)`` (at least 1): a rank that runs dry
-pads with re-drawn rows of its last window, a rank with surplus drains and skips it; both are
-counted (``padded``/``skipped``), and buckets move between ranks every epoch.
+Memory: at most ``(shuffle_buffer + prefetch_blocks × block_rows)`` examples of (2L + 4) int32 in
+the worker, whatever the size of the data. Every rank runs the same number of steps
+(``n_train // (batch_size × world)``); the rows past the last whole batch are ``skipped``
+(counted, fewer than a batch per rank, different rows every epoch).
 
 Batch schema (numpy, then torch): ``item_seq`` int64 (B, L), ``seq_len`` int64 (B,), ``target``
 int64 (B,), ``user`` int64 (B,) and, for models that need a partner, ``pos_seq`` (B, L) and
@@ -35,205 +25,177 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 
-from fearec_dist.config import StorageSection
-from fearec_dist.storage import resolve
-
-SPLIT_FIELDS = ("history", "length", "target", "user")
-DATA_TASK_CPUS = 0.25
+from fearec_dist.data.examples import dense
 
 
-def read_examples_table(paths: list[str], storage: StorageSection) -> dict[str, np.ndarray]:
-    """Reads example parquet files into numpy arrays (history as a dense (N, L) int32)."""
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in SPLIT_FIELDS}
-    for uri in paths:
-        fs, path = resolve(uri, storage)
-        table = pq.read_table(path, filesystem=fs, columns=list(SPLIT_FIELDS))
-        hist = table.column("history").combine_chunks()
-        width = hist.type.list_size
-        cols["history"].append(hist.flatten().to_numpy().reshape(-1, width))
-        for k in SPLIT_FIELDS[1:]:
-            cols[k].append(table.column(k).to_numpy())
-    return {k: np.concatenate(v) if v else np.zeros(0, np.int32) for k, v in cols.items()}
+class ShuffleBuffer:
+    """A bounded pool of examples; batches are drawn uniformly without replacement from it.
 
-
-class _ReadBucket:
-    """Ray Data UDF: one bucket's paths -> its examples (``storage`` travels as the dataclass)."""
-
-    def __init__(self, storage: StorageSection) -> None:
-        self.storage = storage
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import json
-
-        rows = read_examples_table(json.loads(str(batch["paths"][0])), self.storage)
-        rows["bucket"] = np.full(len(rows["target"]), int(batch["bucket"][0]), dtype=np.int32)
-        return rows
-
-
-def train_dataset(info: dict[str, Any], storage: StorageSection) -> Any:
-    """A Ray dataset whose blocks are whole target buckets, in a new random order every epoch."""
-    import json
-
-    import ray.data
-
-    rows = [{"bucket": b["bucket"], "paths": json.dumps(b["paths"])} for b in info["buckets"]]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    ds = ds.randomize_block_order()
-    # Reading a bucket is I/O, not compute: a quarter CPU per task, so a small box running several
-    # trials never has its read tasks wait behind the train workers' CPUs.
-    return ds.map_batches(
-        _ReadBucket(storage), batch_size=1, batch_format="numpy", num_cpus=DATA_TASK_CPUS
-    )
-
-
-def eval_dataset(info: dict[str, Any], split: str, storage: StorageSection) -> Any:
-    import ray.data
-
-    fs, root = resolve(f"{info['uri']}/{split}", storage)
-    return ray.data.read_parquet(root, filesystem=fs, num_cpus=DATA_TASK_CPUS)
-
-
-def draw_partners(target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """For each row, the index of another row with the same target, uniformly (spec fearec.md §8).
-
-    CSR over rows stable-sorted by target; row i at position p in a group of size c draws
-    r ~ U{0..c-2} and takes member r if r < p else r + 1. A singleton group pairs with itself.
-
-    Args:
-        target: (N,) target ids.
-        rng: numpy generator.
-
-    Returns:
-        (N,) int64 partner row indices.
+    Deterministic for a given generator and input sequence. ``add`` appends rows; ``draw``
+    returns ``batch_size`` rows chosen uniformly from the pool and fills their slots with the
+    pool's last rows (O(batch) per draw, no reallocation).
     """
-    n = len(target)
-    order = np.argsort(target, kind="stable")
-    sorted_t = target[order]
-    starts = np.flatnonzero(np.r_[True, sorted_t[1:] != sorted_t[:-1]]) if n else np.zeros(0, int)
-    sizes = np.diff(np.r_[starts, n])
-    group = np.repeat(np.arange(len(starts)), sizes)
-    pos = np.arange(n) - starts[group]
-    size = sizes[group]
-    r = np.floor(rng.random(n) * np.maximum(size - 1, 1)).astype(np.int64)
-    r = np.where(r >= pos, r + 1, r)
-    r = np.where(size == 1, pos, r)
-    partner = np.empty(n, dtype=np.int64)
-    partner[order] = order[starts[group] + r]
-    return partner
+
+    def __init__(self, capacity: int, rng: np.random.Generator) -> None:
+        self.capacity, self.rng = capacity, rng
+        self.cols: dict[str, np.ndarray] | None = None
+        self.n = 0
+
+    def add(self, rows: dict[str, np.ndarray]) -> None:
+        m = len(rows["target"])
+        if self.cols is None:
+            size = self.capacity + m
+            self.cols = {k: np.empty((size, *v.shape[1:]), v.dtype) for k, v in rows.items()}
+        need = self.n + m
+        if need > len(self.cols["target"]):
+            self.cols = {
+                k: np.concatenate([v[: self.n], np.empty((need - self.n, *v.shape[1:]), v.dtype)])
+                for k, v in self.cols.items()
+            }
+        for k, v in rows.items():
+            self.cols[k][self.n : need] = v
+        self.n = need
+
+    def full(self) -> bool:
+        return self.n >= self.capacity
+
+    def draw(self, batch_size: int) -> dict[str, np.ndarray]:
+        assert self.cols is not None and self.n >= batch_size
+        idx = self.rng.choice(self.n, batch_size, replace=False)
+        out = {k: v[idx] for k, v in self.cols.items()}
+        # move the tail rows that were not drawn into the drawn slots below the new end
+        new_n = self.n - batch_size
+        holes = np.sort(idx[idx < new_n])
+        tail = np.arange(new_n, self.n)
+        movers = tail[~np.isin(tail, idx)]
+        for v in self.cols.values():
+            v[holes] = v[movers]
+        self.n = new_n
+        return out
 
 
-def to_model_batch(rows: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+def table_to_rows(table: pa.Table) -> dict[str, np.ndarray]:
+    out = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if pa.types.is_fixed_size_list(col.type):
+            out[name] = dense(col)
+        else:
+            out[name] = col.to_numpy()
+    return out
+
+
+def to_model_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     batch = {
-        "item_seq": rows["history"][idx].astype(np.int64),
-        "seq_len": rows["length"][idx].astype(np.int64),
-        "target": rows["target"][idx].astype(np.int64),
-        "user": rows["user"][idx].astype(np.int64),
+        "item_seq": rows["history"].astype(np.int64),
+        "seq_len": rows["length"].astype(np.int64),
+        "target": rows["target"].astype(np.int64),
+        "user": rows["user"].astype(np.int64),
     }
     if "pos_history" in rows:
-        batch["pos_seq"] = rows["pos_history"][idx].astype(np.int64)
-        batch["pos_len"] = rows["pos_length"][idx].astype(np.int64)
+        batch["pos_seq"] = rows["pos_history"].astype(np.int64)
+        batch["pos_len"] = rows["pos_length"].astype(np.int64)
     return batch
 
 
+def shard_batches(
+    blocks: Iterator[pa.Table],
+    *,
+    batch_size: int,
+    steps: int,
+    buffer_size: int,
+    rng: np.random.Generator,
+    skip: int = 0,
+    stats: dict[str, float] | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Exactly ``steps - skip`` model batches from a rank's stream of blocks.
+
+    The buffer fills to ``buffer_size`` examples, then one batch is drawn per block-sized refill;
+    at the end of the stream it drains. The first ``skip`` draws are made and discarded (resume).
+    ``stats`` (if given) gets ``wait_s`` (time spent waiting for blocks) and ``skipped``.
+    """
+    stats = stats if stats is not None else {}
+    stats.setdefault("wait_s", 0.0)
+    buf = ShuffleBuffer(max(buffer_size, batch_size), rng)
+    it = iter(blocks)
+    produced = 0
+    exhausted = False
+    while produced < steps:
+        while not exhausted and not buf.full():
+            t0 = time.perf_counter()
+            block = next(it, None)
+            stats["wait_s"] += time.perf_counter() - t0
+            if block is None:
+                exhausted = True
+            elif block.num_rows:
+                buf.add(table_to_rows(block))
+        if buf.n < batch_size:
+            raise RuntimeError(
+                f"the epoch's stream ended after {produced} of {steps} batches: "
+                "the planned row count and the data disagree"
+            )
+        rows = buf.draw(batch_size)
+        if produced >= skip:
+            yield to_model_batch(rows)
+        produced += 1
+    skipped = buf.n
+    for rest in it:  # drain, so the stream's prefetch finishes cleanly
+        skipped += rest.num_rows
+    stats["skipped"] = skipped
+
+
 class TrainFeed:
-    """One worker's training batches for an epoch, from its shard of whole buckets."""
+    """One worker's training batches, epoch by epoch, from the run's ``EpochPlanner`` actor."""
 
     def __init__(
         self,
-        shard: Any,
+        planner: Any,
         *,
+        rank: int,
         batch_size: int,
         steps: int,
         seed: int,
-        rank: int,
-        window: int,
-        needs_partner: bool,
+        shuffle_buffer: int,
+        prefetch_blocks: int,
     ) -> None:
-        self.shard, self.batch_size, self.steps = shard, batch_size, steps
-        self.seed, self.rank, self.needs_partner = seed, rank, needs_partner
-        self.window = window  # examples per shuffle window; 0 = the whole shard
-        self.wait_s = 0.0
+        self.planner, self.rank, self.batch_size, self.steps = planner, rank, batch_size, steps
+        self.seed, self.shuffle_buffer, self.prefetch_blocks = seed, shuffle_buffer, prefetch_blocks
+        self.wait_s = self.plan_wait_s = 0.0  # all waits for data / the epoch's plan alone
         self.padded = self.skipped = 0
+        self.plan_seconds = 0.0
 
-    def _buckets(self) -> Iterator[dict[str, np.ndarray]]:
-        batches = self.shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
-        it = iter(batches)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                rows = next(it)
-            except StopIteration:
-                self.wait_s += time.perf_counter() - t0
-                return
-            self.wait_s += time.perf_counter() - t0
-            yield rows
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Yields batches ``skip .. steps - 1`` of ``epoch`` (numpy dicts)."""
+        import ray
 
-    def _pair(self, rows: dict[str, np.ndarray], epoch: int) -> dict[str, np.ndarray]:
-        rows = {k: rows[k] for k in (*SPLIT_FIELDS, "bucket")}
-        if self.needs_partner and len(rows["target"]):
-            bucket = int(rows["bucket"][0])
-            rng = np.random.default_rng([self.seed, epoch, bucket, 17])
-            partner = draw_partners(rows["target"], rng)
-            rows["pos_history"] = rows["history"][partner]
-            rows["pos_length"] = rows["length"][partner]
-        return rows
-
-    def epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        """Yields exactly ``self.steps`` batches (numpy dicts) for ``epoch``."""
-        self.wait_s, self.padded, self.skipped = 0.0, 0, 0
+        t0 = time.perf_counter()
+        shard, rows, _, self.plan_seconds = ray.get(self.planner.shard.remote(epoch, self.rank))
+        self.plan_wait_s = self.wait_s = time.perf_counter() - t0
+        self.padded = 0
+        if rows < self.steps * self.batch_size:
+            raise RuntimeError(
+                f"rank {self.rank}: epoch {epoch} has {rows} examples per rank, fewer than "
+                f"{self.steps} steps x batch {self.batch_size}; use fewer workers"
+            )
+        shard.context.execution_options.preserve_order = True
+        blocks = shard.iter_batches(
+            batch_size=None, batch_format="pyarrow", prefetch_batches=self.prefetch_blocks
+        )
+        stats: dict[str, float] = {}
         rng = np.random.default_rng([self.seed, epoch, self.rank, 23])
-        bs = self.batch_size
-        produced, window, last_pool = 0, [], None
-        buckets = self._buckets()
-        exhausted = False
-        while produced < self.steps:
-            if not exhausted:
-                bucket = next(buckets, None)
-                if bucket is None:
-                    exhausted = True
-                elif len(bucket["target"]):
-                    window.append(self._pair(bucket, epoch))
-            n_window = sum(len(w["target"]) for w in window)
-            if not exhausted and (self.window == 0 or n_window < self.window):
-                continue
-            if n_window >= bs:
-                if self.window == 0:  # the whole shard: canonical bucket order, so the epoch's
-                    # batches do not depend on the order the buckets arrived in (exact resume)
-                    window.sort(key=lambda w: int(w["bucket"][0]))
-                pool = _concat_windows(window)
-                perm = rng.permutation(n_window)
-                n_emit = min(n_window // bs, self.steps - produced)
-                for i in range(n_emit):
-                    yield to_model_batch(pool, perm[i * bs : (i + 1) * bs])
-                    produced += 1
-                rest = perm[n_emit * bs :]
-                window = [_take(pool, rest)] if len(rest) else []
-                last_pool = pool
-            elif exhausted:  # ran dry: pad with rows re-drawn from what this rank has seen
-                pool = last_pool if last_pool is not None else _concat_windows(window or [{}])
-                if not pool or not len(pool.get("target", ())):
-                    raise RuntimeError(
-                        f"rank {self.rank} received no training examples this epoch; "
-                        "use fewer workers or more buckets (data.n_buckets)"
-                    )
-                self.padded += bs
-                yield to_model_batch(pool, rng.integers(0, len(pool["target"]), bs))
-                produced += 1
-        self.skipped += sum(len(w["target"]) for w in window)
-        for rest in buckets:  # drain: every rank must finish the epoch's streaming split
-            self.skipped += len(rest["target"])
-
-
-def _concat_windows(window: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(window) == 1:
-        return window[0]
-    return {k: np.concatenate([w[k] for w in window]) for k in window[0]}
-
-
-def _take(pool: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: v[idx] for k, v in pool.items()}
+        yield from shard_batches(
+            blocks,
+            batch_size=self.batch_size,
+            steps=self.steps,
+            buffer_size=self.shuffle_buffer,
+            rng=rng,
+            skip=skip,
+            stats=stats,
+        )
+        self.wait_s += stats["wait_s"]
+        self.skipped = int(stats["skipped"])
 
 
 def eval_batch_from_arrow(table: Any) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ from fearec_dist.data.errors import DataError
 Split = dict[str, np.ndarray]
 
 
-def _gather_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def gather_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(s, s + c)`` for each (s, c), vectorised."""
     total = int(counts.sum())
     if total == 0:
@@ -31,7 +31,11 @@ def _gather_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def build_loo_examples(
-    offsets: np.ndarray, items: np.ndarray, users: np.ndarray, max_seq_len: int
+    offsets: np.ndarray,
+    items: np.ndarray,
+    users: np.ndarray,
+    max_seq_len: int,
+    splits: tuple[str, ...] = ("train", "valid", "test"),
 ) -> dict[str, Split]:
     """Builds train/valid/test examples.
 
@@ -40,11 +44,13 @@ def build_loo_examples(
         items: (I,) item ids, each user's run time-ordered.
         users: (U,) user ids.
         max_seq_len: L.
+        splits: which of train/valid/test to build (the others are not computed).
 
     Returns:
-        ``{"train"|"valid"|"test": {"history" (N, L) int32, "length" (N,) int32,
-        "target" (N,) int32, "user" (N,) int32}}``; valid/test also ``seen_offsets`` (N + 1,)
-        and ``seen_items`` (S,) (CSR of the whole history before the target).
+        ``{split: {"history" (N, L) int32, "length" (N,) int32, "target" (N,) int32,
+        "user" (N,) int32, "position" (N,) int32}}`` (position: the target's 0-based index in
+        its user's sequence); valid/test also ``seen_offsets`` (N + 1,) and ``seen_items`` (S,)
+        (CSR of the whole history before the target).
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     items = np.asarray(items)
@@ -52,11 +58,15 @@ def build_loo_examples(
     n_samples = np.maximum(lens - 1, 0)
     # one sample per target position j = 1..n-1 (0-based inside the user)
     user_idx = np.repeat(np.arange(len(lens)), n_samples)
-    j = _gather_ranges(np.ones(len(lens), dtype=np.int64), n_samples)
+    j = gather_ranges(np.ones(len(lens), dtype=np.int64), n_samples)
     s = n_samples[user_idx]
     split = np.zeros(len(j), dtype=np.int8)  # 0 train, 1 valid, 2 test
     split[(s >= 2) & (j == s)] = 2
     split[(s >= 3) & (j == s - 1)] = 1
+    codes = [code for name, code in (("train", 0), ("valid", 1), ("test", 2)) if name in splits]
+    if len(codes) < 3:  # keep only the rows asked for before the (N, L) gather
+        keep = np.isin(split, codes)
+        user_idx, j, split = user_idx[keep], j[keep], split[keep]
     base = offsets[:-1][user_idx]
     target = items[base + j]
     hist_len = np.minimum(j, max_seq_len)
@@ -68,17 +78,20 @@ def build_loo_examples(
 
     out: dict[str, Split] = {}
     for name, code in (("train", 0), ("valid", 1), ("test", 2)):
+        if name not in splits:
+            continue
         m = split == code
         part: Split = {
             "history": history[m],
             "length": hist_len[m].astype(np.int32),
             "target": target[m].astype(np.int32),
             "user": np.asarray(users)[user_idx[m]].astype(np.int32),
+            "position": j[m].astype(np.int32),
         }
         if code:
             counts = j[m]
             part["seen_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-            part["seen_items"] = items[_gather_ranges(base[m], counts)].astype(np.int32)
+            part["seen_items"] = items[gather_ranges(base[m], counts)].astype(np.int32)
         out[name] = part
     return out
 

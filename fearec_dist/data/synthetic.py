@@ -36,16 +36,21 @@ def generate_log(
     max_len: int = 50,
     noise: float = 0.15,
     seed: int = 0,
+    first_user: int = 0,
 ) -> pa.Table:
     """Generates ``user_id``, ``item_id`` (strings, as raw logs have), ``timestamp`` (int64 s).
 
-    Rows come out shuffled (not grouped by user or time), like a real event log.
+    Rows come out shuffled (not grouped by user or time), like a real event log. ``first_user``
+    numbers the users from there (a chunk of a larger log: the item chains and popularity are
+    the same in every chunk of one ``seed``, the users' own draws differ).
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if first_user == 0 else [seed, first_user])
     succ = chain_successors(n_items, seed)
     popularity = 1.0 / np.arange(1, n_items + 1) ** 0.8
     popularity /= popularity.sum()
-    pop_items = rng.permutation(np.arange(1, n_items + 1))
+    pop_items = np.random.default_rng(seed).permutation(np.arange(1, n_items + 1))
+    if first_user == 0:  # the original stream of draws (the single-chunk log is unchanged)
+        pop_items = rng.permutation(np.arange(1, n_items + 1))
     lengths = rng.integers(min_len, max_len + 1, n_users)
     n = int(lengths.sum())
     user = np.repeat(np.arange(n_users), lengths)
@@ -69,22 +74,36 @@ def generate_log(
     perm = rng.permutation(n)
     return pa.table(
         {
-            "user_id": pa.array([f"u{u}" for u in user[perm]]),
+            "user_id": pa.array([f"u{u}" for u in (user + first_user)[perm]]),
             "item_id": pa.array([f"i{i}" for i in items[perm]]),
             "timestamp": pa.array(ts[perm].astype(np.int64)),
         }
     )
 
 
-def write_synthetic(uri: str, n_files: int = 4, storage=None, **kwargs) -> int:
-    """Writes a generated log as ``n_files`` Parquet files under ``uri``; returns the row count."""
+CHUNK_USERS = 50_000  # users generated (and held as Python strings) at a time
+
+
+def write_synthetic(uri: str, n_files: int = 4, storage=None, n_users: int = 2000, **kwargs) -> int:
+    """Writes a generated log as Parquet files under ``uri``; returns the row count.
+
+    Up to ``CHUNK_USERS`` users: one log cut into ``n_files`` files. Larger logs are generated
+    and written ``CHUNK_USERS`` users at a time (a file each), so memory stays bounded.
+    """
     import pyarrow.parquet as pq
 
     from fearec_dist.storage import resolve
 
-    table = generate_log(**kwargs)
     fs, root = resolve(uri, storage)
     fs.create_dir(root, recursive=True)
+    if n_users > CHUNK_USERS:
+        rows = 0
+        for i, first in enumerate(range(0, n_users, CHUNK_USERS)):
+            part = generate_log(min(CHUNK_USERS, n_users - first), first_user=first, **kwargs)
+            pq.write_table(part, f"{root}/part-{i:05d}.parquet", filesystem=fs)
+            rows += part.num_rows
+        return rows
+    table = generate_log(n_users, **kwargs)
     per = -(-table.num_rows // n_files)
     for i in range(n_files):
         part = table.slice(i * per, per)

@@ -152,7 +152,8 @@ class TrainState:
         if rank == 0:
             from fearec_dist.train.console import say
 
-            say(f"[fearec-dist] resumed from epoch {self.progress.epoch} ({checkpoint.path})")
+            epoch, step = self.progress.epoch + 1, self.progress.partial.get("steps", 0)
+            say(f"[fearec-dist] resumed at epoch {epoch} step {step} ({checkpoint.path})")
 
     def restore(self, state: dict[str, Any], rank: int) -> None:
         """Loads a checkpoint dict into this state, and this rank's RNG states."""

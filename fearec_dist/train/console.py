@@ -56,9 +56,12 @@ def print_start(
     )
 
 
-def print_epoch(row: dict[str, Any], metric: str, epochs: int) -> None:
-    """``epoch e/E | loss … | valid/<metric> … | … samples/s, data wait …%``."""
+def print_epoch(row: dict[str, Any], metric: str, epochs: int, valid_on: str = "") -> None:
+    """``epoch e/E | loss … | valid/<metric> … | … samples/s, data wait …%``; ``valid_on``
+    says which users validation scored (all, or a sample)."""
     parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row.get('train/loss', math.nan):.4f}"]
+    if valid_on and f"valid/{metric}" in row:
+        parts.append(f"valid on {valid_on}")
     for key in (f"valid/{metric}", "valid/ndcg@10", "valid/masked_ndcg@10", "test/hr@10"):
         if key in row:
             parts.append(f"{key} {row[key]:.4f}")

@@ -12,14 +12,13 @@ rows at a time, so memory is bounded by batch × (n_items + 1) floats whatever t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.dataset as pads
 import torch
 
 from fearec_dist.config import ExperimentConfig, StorageSection
+from fearec_dist.data.examples import iter_eval_rows
 from fearec_dist.data.feed import eval_batch_from_arrow
 from fearec_dist.train.checkpoint import latest_checkpoint, load_state_uri
 from fearec_dist.train.device import autocast_for, to_device
@@ -68,15 +67,6 @@ def evaluate(
     return acc.result(all_reduce=all_reduce)
 
 
-def iter_split(uri: str, batch_size: int, storage: StorageSection) -> Iterator[pa.Table]:
-    """The rows of one examples split (``…/valid``, ``…/test``), ``batch_size`` at a time."""
-    from fearec_dist.storage import resolve
-
-    fs, root = resolve(uri, storage)
-    for rb in pads.dataset(root, filesystem=fs, format="parquet").to_batches(batch_size=batch_size):
-        yield pa.Table.from_batches([rb])
-
-
 def evaluate_checkpoint(uri: str, storage: StorageSection | None = None) -> dict[str, Any]:
     """Loads the checkpoint at ``uri`` (or a run directory's newest) and returns
     ``{"valid": {...}, "test": {...}, ...}``."""
@@ -95,7 +85,7 @@ def evaluate_checkpoint(uri: str, storage: StorageSection | None = None) -> dict
     out: dict[str, Any] = {"checkpoint": uri, "epochs_run": state["progress"]["epoch"]}
     out["best_epoch"] = state["progress"]["best_epoch"]
     for split in ("valid", "test"):
-        batches = iter_split(f"{data['uri']}/{split}", cfg.train.eval_batch_size, storage)
+        batches = iter_eval_rows(data, split, cfg.train.eval_batch_size, storage)
         metrics = evaluate(
             model, spec.full_scores, batches, cfg.train.topk, device, all_reduce=False
         )

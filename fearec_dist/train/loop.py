@@ -25,7 +25,6 @@ import torch
 
 from fearec_dist.config import ExperimentConfig, TrainSection
 from fearec_dist.data.feed import TrainFeed
-from fearec_dist.models.spec import ModelSpec
 from fearec_dist.train import checkpoint as ckpt
 from fearec_dist.train.console import print_epoch, print_start, quiet_ray_train_console, say
 from fearec_dist.train.device import autocast_for, device_for, to_device
@@ -46,17 +45,24 @@ def train_one_epoch(
     device: torch.device,
     amp: str,
     gather: Any,
+    partial: dict[str, Any] | None = None,
+    on_step: Any = None,
 ) -> dict[str, float]:
     """One pass over this worker's batches; returns mean loss terms, samples and timings.
 
     ``model`` is the DDP wrapper (its forward syncs gradients), ``module`` the bare model the
-    loss reads its attributes from; without DDP both are the same module.
+    loss reads its attributes from; without DDP both are the same module. ``partial`` resumes
+    the epoch mid-way (its ``steps`` done, loss ``sums``, ``samples``, ``seconds``): the feed
+    replays those batches without training on them. ``on_step(partial)`` runs after every step
+    but the last (step checkpoints).
     """
     model.train()
-    sums: dict[str, torch.Tensor] = {}
-    steps = samples = 0
-    start = time.perf_counter()
-    for batch_np in feed.epoch(epoch):
+    partial = partial or {}
+    sums: dict[str, torch.Tensor] = dict(partial.get("sums", {}))
+    steps, samples = partial.get("steps", 0), partial.get("samples", 0)
+    start = time.perf_counter() - partial.get("seconds", 0.0)
+    first_step = last_step = math.nan  # wall clock of this call's first and last step
+    for batch_np in feed.epoch(epoch, skip=steps):
         kill_if_asked(epoch, steps, feed.rank)
         batch = to_device(batch_np, device)
         with autocast_for(device, amp):
@@ -68,6 +74,11 @@ def train_one_epoch(
             sums[k] = sums.get(k, 0.0) + v.detach().float()
         steps += 1
         samples += len(batch_np["target"])
+        last_step = time.time()
+        first_step = last_step if math.isnan(first_step) else first_step
+        if on_step is not None and steps < feed.steps:
+            seconds = time.perf_counter() - start
+            on_step({"steps": steps, "sums": sums, "samples": samples, "seconds": seconds})
     seconds = time.perf_counter() - start
     out = {f"train/{k}": float(v) / max(steps, 1) for k, v in sums.items()}
     return out | {
@@ -75,6 +86,9 @@ def train_one_epoch(
         "train/samples": samples,
         "seconds": seconds,
         "data_wait_s": feed.wait_s,
+        "plan_wait_s": feed.plan_wait_s,
+        "first_step_unix": first_step,
+        "last_step_unix": last_step,
         "padded": feed.padded,
         "skipped": feed.skipped,
     }
@@ -89,22 +103,21 @@ def setup_worker(cfg: ExperimentConfig, rank: int) -> tuple[torch.device, int]:
     return device_for(cfg.run.use_gpu), threads
 
 
-def build_feed(
-    spec: ModelSpec, cfg: ExperimentConfig, info: dict[str, Any], module: Any
-) -> TrainFeed:
-    """This worker's training feed: a fixed number of steps per epoch on every rank."""
+def build_feed(cfg: ExperimentConfig, info: dict[str, Any], planner: Any) -> TrainFeed:
+    """This worker's stream of each epoch's examples (from the run's ``EpochPlanner``): a fixed
+    number of steps per epoch on every rank."""
     import ray.train
 
     ctx, t = ray.train.get_context(), cfg.train
     steps = max(1, info["n_train"] // (t.batch_size * ctx.get_world_size()))
     return TrainFeed(
-        ray.train.get_dataset_shard("train"),
+        planner,
+        rank=ctx.get_world_rank(),
         batch_size=t.batch_size,
         steps=min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps,
         seed=t.seed,
-        rank=ctx.get_world_rank(),
-        window=t.shuffle_window,
-        needs_partner=spec.needs_partner(module.config),
+        shuffle_buffer=t.shuffle_window,
+        prefetch_blocks=t.prefetch_blocks,
     )
 
 
@@ -122,9 +135,16 @@ def evaluate_epoch(
         state.keep_best()
 
 
+def valid_on(t: TrainSection, info: dict[str, Any]) -> str:
+    """Which users validation scores, for the epoch line."""
+    n = min(t.valid_users, info["n_users"]) if t.valid_users else 0
+    return f"a fixed sample of {n:,} users" if n else "all users"
+
+
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train entrypoint. ``config``: ``experiment`` (the config dict), ``examples`` (the
-    examples' info.json), ``run_dir`` (URI of this run's output directory)."""
+    examples' info.json), ``run_dir`` (URI of this run's output directory), ``planner`` (the
+    run's ``EpochPlanner`` actor)."""
     import ray.train
 
     from fearec_dist.models import get_spec
@@ -146,7 +166,7 @@ def train_func(config: dict[str, Any]) -> None:
     model = wrap_ddp(state.module, world)  # the forward that syncs gradients
 
     # [3] shards: the training feed, and the evaluation rows scored on the bare module
-    feed = build_feed(spec, cfg, info, state.module)
+    feed = build_feed(cfg, info, config["planner"])
 
     def score(split: str) -> dict[str, float]:
         rows = ray.train.get_dataset_shard(split).iter_batches(
@@ -158,18 +178,24 @@ def train_func(config: dict[str, Any]) -> None:
         print_start(cfg, state.module, world, feed.steps, gather is not None, device, threads,
                     run_dir)  # fmt: skip
 
-    # [4] epochs: train, evaluate when due; [5] report every epoch (rank 0 checkpoints)
-    reporter = Reporter(cfg, info, run_dir, rank, world)
+    # [4] epochs: train (a step checkpoint every run.checkpoint_every_steps), evaluate when
+    # due; [5] report every epoch (rank 0 checkpoints)
+    reporter, every = Reporter(cfg, info, run_dir, rank, world), cfg.run.checkpoint_every_steps
+
+    def on_step(partial: dict[str, Any]) -> None:
+        if every and partial["steps"] % every == 0:
+            reporter.report_step(state, partial)
     for epoch in range(state.progress.epoch, t.epochs):
+        partial, state.progress.partial = state.progress.partial, {}
         stats = train_one_epoch(model, state.module, loss_fn, feed, epoch, state.optimizer,
-                                device, t.amp, gather)  # fmt: skip
+                                device, t.amp, gather, partial, on_step)  # fmt: skip
         row = epoch_row(epoch + 1, stats, world)
         due = (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
-        if due and t.stage != "pretrain":  # pretraining has no next-item head to rank
+        if due and t.evaluate and t.stage != "pretrain":  # pretraining ranks nothing
             evaluate_epoch(row, state, score, t)
         state.progress.finish_epoch(row)
         if rank == 0:
-            print_epoch(row, t.valid_metric, t.epochs)
+            print_epoch(row, t.valid_metric, t.epochs, valid_on(t, info))
         reporter.report(row, state)
         if state.progress.stopped_early:
             if rank == 0:

@@ -29,6 +29,9 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
     valid: dict[str, float] = field(default_factory=dict)  # at the best epoch
     test: dict[str, float] = field(default_factory=dict)  # at the best epoch
+    # mid-epoch (a step checkpoint of epoch ``epoch + 1``): steps done, loss sums, samples,
+    # seconds; empty at an epoch boundary
+    partial: dict[str, Any] = field(default_factory=dict)
 
     def record_valid(self, epoch: int, valid: dict[str, float], metric: str, patience: int) -> bool:
         """Counts one evaluation of epoch ``epoch`` (1-based); True when it is a new best (then
@@ -46,7 +49,7 @@ class Progress:
         """Closes epoch ``row["epoch"]``: its row replaces a replayed one in the history."""
         row |= self.test
         row["best_epoch"] = self.best_epoch
-        self.epoch = row["epoch"]
+        self.epoch, self.partial = row["epoch"], {}
         self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
 
 
@@ -57,6 +60,11 @@ def epoch_row(epoch: int, stats: dict[str, Any], world: int) -> dict[str, Any]:
     row["train_seconds"] = round(stats["seconds"], 2)
     row["samples_per_s"] = round(stats["train/samples"] * world / stats["seconds"], 1)
     row["data_wait_share"] = round(stats["data_wait_s"] / max(stats["seconds"], 1e-9), 4)
+    row["plan_wait_s"] = round(stats["plan_wait_s"], 3)  # waiting for the epoch's stream
+    row["first_step_unix"], row["last_step_unix"] = (
+        stats["first_step_unix"],
+        stats["last_step_unix"],
+    )
     row["padded"], row["skipped"] = stats["padded"], stats["skipped"]
     return row
 

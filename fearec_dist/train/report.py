@@ -1,4 +1,5 @@
-"""The end of every epoch: outputs, a checkpoint and ``ray.train.report``, from every rank.
+"""The end of every epoch (and every ``run.checkpoint_every_steps`` steps): outputs, a
+checkpoint and ``ray.train.report``, from every rank.
 
 Owns ``Reporter``: rank 0 rewrites the run outputs (``results.json``, ``metrics.csv``,
 ``curves.png``, TensorBoard) and writes the checkpoint into a fresh temporary directory that
@@ -24,6 +25,7 @@ class Reporter:
         self, cfg: ExperimentConfig, info: dict[str, Any], run_dir: str, rank: int, world: int
     ) -> None:
         self.cfg_dict, self.info, self.run_dir = cfg.to_dict(), info, run_dir
+        self.tune_metric = cfg.tune.metric
         self.rank, self.world, self.storage = rank, world, cfg.storage
         self.tensorboard = TensorBoardLog(run_dir, cfg.storage) if rank == 0 else None
 
@@ -43,6 +45,31 @@ class Reporter:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if self.tensorboard is not None:
             self.tensorboard.log(row)
+
+    def report_step(self, state: ckpt.TrainState, partial: dict[str, Any]) -> None:
+        """A step checkpoint inside an epoch: no ``metrics.csv`` row; the result repeats the
+        last epoch's values (``epoch`` = epochs completed, so ASHA's ``time_attr`` does not
+        move) and carries ``step_in_epoch``; every result Tune sees has the metric it reads."""
+        import math
+
+        import ray.train
+
+        progress = state.progress
+        progress.partial = {
+            **partial,
+            "sums": {k: v.detach().float().cpu() for k, v in partial["sums"].items()},
+        }
+        last = progress.history[-1] if progress.history else {}
+        metrics = {k: v for k, v in last.items() if isinstance(v, (int, float))}
+        metrics.setdefault(self.tune_metric, math.nan)
+        metrics |= {"epoch": progress.epoch, "step_in_epoch": partial["steps"]}
+        rng = ckpt.gather_rng_states(self.rank, self.world)  # a collective: every rank
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt.save_state(tmp, state.to_state(rng, self.cfg_dict, self.info))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def close(self) -> None:
         if self.tensorboard is not None:

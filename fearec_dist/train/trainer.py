@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from fearec_dist.config import ExperimentConfig
-from fearec_dist.data.datasets import build_datasets, prepare_run, uneven_data_config
+from fearec_dist.data.datasets import build_datasets, prepare_run, start_feed, uneven_data_config
 from fearec_dist.launch import init_ray, worker_resources
 from fearec_dist.storage import ray_storage, storage_root
 
@@ -41,21 +41,25 @@ def build_trainer(
     name: str | None = None,
     callbacks: tuple[Any, ...] = (),
 ) -> Any:
-    """A ``TorchTrainer`` for ``cfg`` over ``datasets`` (``mode="debug"``: zero workers)."""
+    """A ``TorchTrainer`` for ``cfg`` over ``datasets`` (``mode="debug"``: zero workers), with
+    the run's ``EpochPlanner`` (the training stream) in its train loop config."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from fearec_dist.models import build_config, get_spec
     from fearec_dist.train.loop import train_func
 
     name = name or run_name(cfg)
     storage_path, fs = ray_storage(cfg.run.storage_path, cfg.storage)
     workers = 0 if mode == "debug" else max(1, cfg.run.workers)
+    pair = get_spec(cfg.model.name).needs_partner(build_config(cfg.model.name, cfg.model.params))
     return TorchTrainer(
         train_func,
         train_loop_config={
             "experiment": cfg.to_dict(),
             "examples": info,
             "run_dir": f"{storage_root(cfg.run.storage_path)}/{name}",
+            "planner": start_feed(cfg, info, max(1, workers), pair),
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=cfg.run.use_gpu, resources_per_worker=worker_resources(cfg)
@@ -107,7 +111,7 @@ def run_training(cfg: ExperimentConfig, mode: str = "local") -> dict[str, Any]:
         run_dir = f"{storage_root(cfg.run.storage_path)}/{name}"
         print(f"[fearec-dist] run {name} ({mode} mode) -> {run_dir}")
         _, info = prepare_run(cfg)
-        trainer = build_trainer(cfg, build_datasets(info, cfg.storage), info, mode=mode, name=name)
+        trainer = build_trainer(cfg, build_datasets(cfg, info), info, mode=mode, name=name)
         t0 = time.time()
         try:
             result = trainer.fit()

@@ -69,7 +69,6 @@ def test_one_worker_per_node(tmp_path):
         "data.synthetic_users=120",
         "data.synthetic_items=40",
         "data.max_seq_len=10",
-        "data.n_buckets=4",
         "model.name=fearec_official",
         "train.epochs=2",
         f"train.batch_size={BATCH}",

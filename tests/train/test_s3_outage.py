@@ -72,7 +72,7 @@ def test_endpoint_gone_mid_run_fails_fast_naming_it(tmp_path):
         config = tmp_path / "outage.yaml"
         config.write_text(
             "data: {format: synthetic, synthetic_users: 120, synthetic_items: 30, "
-            "max_seq_len: 20, n_buckets: 4, prepared_path: 's3://outage/prepared'}\n"
+            "max_seq_len: 20, prepared_path: 's3://outage/prepared'}\n"
             "model: {name: sasrec}\n"
             "train: {epochs: 200, batch_size: 32}\n"
             "run: {name: outage, storage_path: 's3://outage/runs', workers: 1, "

@@ -38,7 +38,6 @@ def test_train_evaluate_and_resume_on_s3(ray_session, s3_server, capsys):
                 "data.format=prepared",
                 f"data.path=s3://{bucket}/prepared",
                 "data.max_seq_len=20",
-                "data.n_buckets=4",
                 "model.name=sasrec",
                 f"train.epochs={epochs}",
                 "train.batch_size=64",
