@@ -64,7 +64,7 @@ def test_train_evaluate_and_resume_on_s3(ray_session, s3_server, capsys):
     # the same name + storage path resumes from the checkpoint on s3
     capsys.readouterr()
     second = run_training(cfg(2), mode="local")
-    assert "resumed from epoch 1" in capsys.readouterr().out
+    assert "resumed at epoch 2 step 0" in capsys.readouterr().out
     assert second["epochs_run"] == 2
     body = s3_server.client().get_object(Bucket=bucket, Key="runs/on-s3/metrics.csv")["Body"]
     assert [line.split(",")[0] for line in body.read().decode().splitlines()[1:]] == ["1", "2"]
