@@ -211,6 +211,8 @@ def write_sweep_outputs(grid: Any, cfg: ExperimentConfig, path: str) -> dict[str
     rows, curves = [], {}
     for result in grid:
         df = result.metrics_dataframe
+        if df is not None and "step_in_epoch" in df:  # step checkpoints: not epoch results
+            df = df[df["step_in_epoch"].isna()]
         trial_id = (result.metrics or {}).get("trial_id", Path(result.path).name)
         series = df[metric].dropna().tolist() if df is not None and metric in df else []
         params = _flatten(result.config.get("params", {}))
