@@ -263,8 +263,10 @@ class EpochPlannerImpl:
         event.wait()
         if epoch in self.errors:
             raise self.errors[epoch]
-        with self.lock:  # keep this epoch and the next: older plans free their blocks
-            for old in [e for e in self.plans if e < epoch - 1]:
+        # every rank asks for epoch e only after all ranks finished e - 1 (the epoch's report
+        # is a barrier): older plans free their blocks, this one and the next stay
+        with self.lock:
+            for old in [e for e in self.plans if e < epoch]:
                 del self.plans[old]
                 self.building.pop(old, None)
         plan = self.plans[epoch]
