@@ -13,8 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +22,6 @@ from fearec_dist.config import load_config
 from fearec_dist.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -99,34 +95,65 @@ def newest_progress(run_dir: Path) -> dict:
         return {}
 
 
-def test_cut_mid_epoch_and_resumed_equals_uncut(ray_session, storage, uncut, tmp_path, capsys):
-    """The CLI in its own process (its own local Ray inherits the kill switch): rank 1 exits hard
-    at step 21 of epoch 2 and, with no restart allowed, the run ends there. Resumed in this
-    process under the same name, it continues at step 16 (the last step checkpoint)."""
-    from fearec_dist.train.faults import TEST_KILL_ENV
-    from fearec_dist.train.trainer import run_training
+class KillInEpoch2:
+    """A watcher thread: once the run's newest checkpoint is a step checkpoint inside epoch 2,
+    it sends SIGKILL to one of the run's train workers, found through this Ray instance's State
+    API as an operator would (from outside the worker's process, no hook inside it)."""
 
-    marker = tmp_path / "cut"
-    config = tmp_path / "cut.yaml"
-    config.write_text("{}\n")
-    sets = [a for o in [*overrides(storage, "cut"), "run.max_failures=0"] for a in ("--set", o)]
-    env = dict(os.environ, **{TEST_KILL_ENV: f"{marker}:1:21:1"})
-    done = subprocess.run(
-        [sys.executable, "-m", "fearec_dist.cli", "train", "--local", "--config", str(config)]
-        + sets,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    log = done.stdout + done.stderr
-    assert done.returncode != 0 and marker.exists(), log[-4000:]
+    def __init__(self, run_dir: Path) -> None:
+        import threading
+
+        import ray
+
+        self.run_dir, self.killed, self.errors = run_dir, [], []
+        # the shared session names its State API in the job's environment
+        self.api = ray.get_runtime_context().runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"]
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        import signal
+        import time
+
+        from ray.util.state import list_actors
+
+        deadline = time.time() + 500
+        try:
+            while time.time() < deadline and not self.killed:
+                progress = newest_progress(self.run_dir)
+                if progress.get("epoch") == 1 and progress.get("partial", {}).get("steps", 0):
+                    alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+                    workers = list_actors(address=self.api, filters=alive)
+                    if workers:
+                        os.kill(int(workers[-1]["pid"]), signal.SIGKILL)
+                        self.killed.append(int(workers[-1]["pid"]))
+                        return
+                time.sleep(0.3)
+        except BaseException as err:  # reported by the test, not lost in the thread
+            self.errors.append(err)
+
+    def check(self) -> None:
+        self.thread.join(timeout=10)
+        assert not self.errors, self.errors
+        assert self.killed, "the watcher never saw a step checkpoint inside epoch 2"
+
+
+def test_cut_mid_epoch_and_resumed_equals_uncut(ray_session, storage, uncut, capsys):
+    """A worker killed mid-epoch 2 with no restart allowed (run.max_failures=0) ends the run
+    there; run again under the same name, it continues at the last step checkpoint."""
+    from fearec_dist.train.trainer import TrainingFailed, run_training
+
+    watcher = KillInEpoch2(storage / "cut")
+    with pytest.raises(TrainingFailed):
+        run_training(load_config(None, [*overrides(storage, "cut"), "run.max_failures=0"]))
+    watcher.check()
     progress = newest_progress(storage / "cut")
-    assert progress["epoch"] == 1 and progress["partial"]["steps"] == 16, progress
+    steps = progress["partial"]["steps"]
+    assert progress["epoch"] == 1 and steps and steps % STEPS_PER_CHECKPOINT == 0, progress
     assert [int(r["epoch"]) for r in metrics_rows(storage / "cut")] == [1]  # no step rows
+    capsys.readouterr()
     resumed = run_training(load_config(None, overrides(storage, "cut")), mode="local")
-    assert "resumed at epoch 2 step 16" in capsys.readouterr().out
+    assert f"resumed at epoch 2 step {steps}" in capsys.readouterr().out
     assert resumed["epochs_run"] == EPOCHS
     assert [int(r["epoch"]) for r in metrics_rows(storage / "cut")] == [1, 2, 3]
     assert_same_run(storage / "cut", uncut)
@@ -138,45 +165,13 @@ def test_cut_mid_epoch_and_resumed_equals_uncut(ray_session, storage, uncut, tmp
 def test_worker_killed_from_outside_mid_epoch_restarts_and_equals_uncut(
     ray_session, storage, uncut, capsys
 ):
-    """A watcher thread waits for a step checkpoint inside epoch 2, then sends SIGKILL to one of
-    the run's train workers (found through Ray's State API, as an operator would); Ray Train
-    restarts the worker group (run.max_failures=1) from that checkpoint."""
-    import signal
-    import threading
-    import time
-
-    import ray
-    from ray.util.state import list_actors
-
+    """The same kill with run.max_failures=1: Ray Train restarts the worker group from the
+    latest step checkpoint within the run, and the run ends as the uninterrupted one."""
     from fearec_dist.train.trainer import run_training
 
-    killed: list[int] = []
-    errors: list[BaseException] = []
-    # this Ray instance's State API (the shared session names it in the job's environment)
-    api = ray.get_runtime_context().runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"]
-
-    def watch() -> None:
-        deadline = time.time() + 500
-        try:
-            while time.time() < deadline and not killed:
-                progress = newest_progress(storage / "killed")
-                if progress.get("epoch") == 1 and progress.get("partial", {}).get("steps", 0):
-                    alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-                    workers = list_actors(address=api, filters=alive)
-                    if workers:
-                        os.kill(int(workers[-1]["pid"]), signal.SIGKILL)
-                        killed.append(int(workers[-1]["pid"]))
-                        return
-                time.sleep(0.3)
-        except BaseException as err:  # reported by the test, not lost in the thread
-            errors.append(err)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
+    watcher = KillInEpoch2(storage / "killed")
     results = run_training(load_config(None, overrides(storage, "killed")), mode="local")
-    watcher.join(timeout=10)
-    assert not errors, errors
-    assert killed, "the watcher never saw a step checkpoint inside epoch 2"
+    watcher.check()
     assert "resumed at epoch 2 step" in capsys.readouterr().out
     assert results["epochs_run"] == EPOCHS
     assert [int(r["epoch"]) for r in metrics_rows(storage / "killed")] == [1, 2, 3]
