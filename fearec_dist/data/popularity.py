@@ -4,9 +4,10 @@ Shapes: U users, I interactions, N = n_items (ids 1..N, 0 = padding).
 
 Leave-one-out (``sequences.build_loo_examples``) holds out a user's last item for test when
 the user has at least 3 items, and the one before it for validation when the user has at least
-4; everything before those targets is training data (histories and training targets alike).
-``training_counts`` counts exactly those positions, so a popularity ranking built from it has
-never seen a valid or test target, as RecBole's ``Pop`` model counts only its training split.
+4; everything before those targets is training data (histories and training targets alike),
+and a user with a single item makes no example at all. ``training_counts`` counts exactly the
+items of the training examples, so a popularity ranking built from it has never seen a valid or
+test target (RecBole's ``Pop`` model likewise counts only its training split).
 ``vocab/items.parquet``'s ``count`` column counts every interaction and is *not* that.
 
 Used by serving's ``--fallback popularity`` (the export stores the counts in ``items.parquet``)
@@ -43,7 +44,8 @@ def training_counts(offsets: np.ndarray, items: np.ndarray, n_items: int) -> np.
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     lengths = np.diff(offsets)
-    keep = lengths - held_out_per_user(lengths)  # training items per user
+    # training items per user; a user with one item makes no example, so counts nothing
+    keep = np.where(lengths >= 2, lengths - held_out_per_user(lengths), 0)
     # position of each interaction inside its user's run, vectorised
     user = np.repeat(np.arange(len(lengths)), lengths)
     pos = np.arange(len(items)) - offsets[:-1][user]
