@@ -41,6 +41,7 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 SUMMARY = "_summary.json"  # written last; list_files and Ray's readers skip "_" files
+READ_CPUS = 0.25
 
 
 def read_vocab(prepared_uri: str, name: str, storage: StorageSection) -> pa.Array:
@@ -164,6 +165,7 @@ def run_batch(
     device: str = "cpu",
     actors: int = 2,
     cpus_per_actor: float = 1.0,
+    threads: int | None = None,
     batch_size: int = 1024,
     overwrite: bool = False,
     storage: StorageSection | None = None,
@@ -182,7 +184,8 @@ def run_batch(
         strict: fail on an unknown id or an empty history (the partial output is removed).
         device: ``cpu`` or ``cuda`` (one GPU per actor).
         actors: the largest actor pool (it starts at one and grows while input is waiting).
-        cpus_per_actor: Ray CPUs per actor (fractions allowed); also its torch threads.
+        cpus_per_actor: Ray CPUs per actor (fractions allowed).
+        threads: torch threads per actor (default: its CPUs, rounded, at least 1).
         batch_size: users per batch.
         overwrite: replace whatever is at ``output_uri``.
         storage: object-storage options (default: the AWS environment variables).
@@ -216,7 +219,7 @@ def run_batch(
         "fallback": fallback,
         "strict": strict,
         "device": device,
-        "threads": max(1, int(cpus_per_actor)),
+        "threads": threads or max(1, round(cpus_per_actor)),
         "prepared": prepared,
         "same_vocab": same_vocab,
     }
@@ -224,7 +227,9 @@ def run_batch(
     columns = ["user", "items"] if prepared else ["user_id", "item_ids"]
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=columns)
+    # reads are I/O-bound: a fraction of a CPU each, so an actor pool that takes every CPU of
+    # the instance does not starve them (on 2 CPUs, one 2-CPU actor stalled the job)
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=columns, num_cpus=READ_CPUS)
     use_gpu = device.startswith("cuda")
     ds = ds.map_batches(
         BatchRecommender,

@@ -101,6 +101,7 @@ def add_serve_commands(sub: Any) -> None:
         default=1.0,
         help="batch: Ray CPUs per actor, fractions allowed (default 1)",
     )
+    p.add_argument("--threads", type=int, help="batch: torch threads per actor (default: its CPUs)")
     p.add_argument("--batch-size", type=int, default=1024, help="batch: users per batch")
     p.add_argument("--overwrite", action="store_true", help="batch: replace a non-empty --output")
 
@@ -206,6 +207,7 @@ def _recommend_batch(args: argparse.Namespace, k: int) -> int:
             device=args.device,
             actors=args.actors,
             cpus_per_actor=args.cpus_per_actor,
+            threads=args.threads,
             batch_size=args.batch_size,
             overwrite=args.overwrite,
         )

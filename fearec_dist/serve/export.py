@@ -175,10 +175,9 @@ def export_run(
         the written manifest (``"uri"`` added).
     """
     from fearec_dist.data.popularity import read_training_counts
-    from fearec_dist.storage import redact, write_bytes, write_json
+    from fearec_dist.storage import redact
     from fearec_dist.train.checkpoint import latest_checkpoint, load_state_uri
 
-    start = time.time()
     storage = storage or StorageSection()
     checkpoint = latest_checkpoint(run_uri, storage)
     out = (output_uri or default_output(run_uri, checkpoint)).rstrip("/")
@@ -186,33 +185,100 @@ def export_run(
     state = load_state_uri(checkpoint, storage)
     model, spec, cfg = rebuild_model(state, storage)
     data = state["data"]
-    n_items, max_seq_len = int(data["n_items"]), int(data["max_seq_len"])
-    raw_ids = read_item_vocab(data["prepared_uri"], n_items, storage)
+    n_items = int(data["n_items"])
     say(
-        f"[fearec-dist] exporting {cfg.model.name} ({n_items:,} items, L={max_seq_len}) "
-        f"from {redact(checkpoint)} -> {redact(out)}"
+        f"[fearec-dist] exporting {cfg.model.name} ({n_items:,} items, "
+        f"L={data['max_seq_len']}) from {redact(checkpoint)} -> {redact(out)}"
+    )
+    progress = state["progress"]
+    return write_export(
+        out,
+        model,
+        spec,
+        cfg.model.name,
+        cfg.model.params,
+        read_item_vocab(data["prepared_uri"], n_items, storage),
+        read_training_counts(data["prepared_uri"], n_items, storage),
+        metrics={
+            "test": progress.get("test", {}),
+            "valid": progress.get("valid", {}),
+            "best_epoch": progress.get("best_epoch"),
+        },
+        source={
+            "checkpoint": redact(checkpoint),
+            "prepared": redact(data["prepared_uri"]),
+            "examples_fingerprint": data.get("fingerprint"),
+        },
+        verify_on=_test_histories(data, storage),
+        index=index,
+        index_params=index_params,
+        storage=storage,
+        say=say,
     )
 
+
+def write_export(
+    out: str,
+    model: nn.Module,
+    spec: Any,
+    model_name: str,
+    model_config: dict[str, Any],
+    raw_ids: list[str],
+    train_counts: np.ndarray,
+    *,
+    metrics: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+    verify_on: tuple[torch.Tensor, torch.Tensor] | None = None,
+    index: str | None = None,
+    index_params: dict[str, int] | None = None,
+    storage: StorageSection | None = None,
+    say: Any = print,
+) -> dict[str, Any]:
+    """Writes the export of ``model`` to ``out`` (items, encoder, [index], manifest last).
+
+    Args:
+        out: the export directory (an existing one should be cleared first).
+        model: the model in eval mode; ``spec`` its ModelSpec.
+        model_name, model_config: recorded in the manifest.
+        raw_ids: (N,) raw item ids of internal ids 1..N.
+        train_counts: (N + 1,) training interactions per id (``data/popularity.py``).
+        metrics, source: recorded in the manifest (test metrics, where the weights came from).
+        verify_on: (item_seq (T, L), seq_len (T,)) histories on which the exported encoder is
+            compared with the model (the max difference goes into the manifest), or None.
+        index, index_params: the ANN index to build (``serve/index.py``), or None.
+        storage: object-storage options.
+        say: where progress lines go.
+
+    Returns:
+        the manifest (``"uri"`` added).
+    """
+    from fearec_dist.storage import redact, write_bytes, write_json
+
+    start = time.time()
+    storage = storage or StorageSection()
+    max_seq_len = int(model.max_seq_len)
     with torch.no_grad():
         weights, bias = spec.item_table(model)  # (N + 1, D), (N + 1,) or None
         weights = weights[1:].float().numpy().copy()
         bias = None if bias is None else bias[1:].float().numpy().copy()
-    counts = read_training_counts(data["prepared_uri"], n_items, storage)
-    write_bytes(
-        f"{out}/{ITEMS}", _parquet_bytes(items_table(raw_ids, weights, bias, counts)), storage
-    )
+    table = items_table(raw_ids, weights, bias, train_counts)
+    write_bytes(f"{out}/{ITEMS}", _parquet_bytes(table), storage)
 
     program = export_encoder(model, spec.encode, max_seq_len)
     blob = io.BytesIO()
     torch.export.save(program, blob)
     write_bytes(f"{out}/{ENCODER}", blob.getvalue(), storage)
-    max_diff = _verify_encoder(model, spec, program, data, storage)
+    max_diff = math.nan
+    if verify_on is not None:
+        with torch.no_grad():
+            want = spec.encode(model, {"item_seq": verify_on[0], "seq_len": verify_on[1]})
+            max_diff = float((want - program.module()(*verify_on)).abs().max())
 
     manifest: dict[str, Any] = {
         "export_version": EXPORT_VERSION,
-        "model": cfg.model.name,
-        "model_config": cfg.model.params,
-        "n_items": n_items,
+        "model": model_name,
+        "model_config": model_config,
+        "n_items": len(raw_ids),
         "hidden_size": int(weights.shape[1]),
         "max_seq_len": max_seq_len,
         "has_bias": bias is not None,
@@ -230,21 +296,13 @@ def export_run(
             "torch_version": torch.__version__,
             "max_abs_diff_vs_model": max_diff,
         },
-        "metrics": {
-            "test": state["progress"].get("test", {}),
-            "valid": state["progress"].get("valid", {}),
-            "best_epoch": state["progress"].get("best_epoch"),
-        },
-        "source": {
-            "checkpoint": redact(checkpoint),
-            "prepared": redact(data["prepared_uri"]),
-            "examples_fingerprint": data.get("fingerprint"),
-        },
+        "metrics": metrics or {},
+        "source": source or {},
         "index": None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if index:
-        manifest["index"] = _write_index(index, weights, bias, index_params, out, storage, say)
+        manifest["index"] = write_index(index, weights, bias, index_params, out, storage, say)
     manifest["seconds"] = round(time.time() - start, 2)
     write_json(f"{out}/{MANIFEST}", manifest, storage)  # last: the commit marker
     say(
@@ -262,7 +320,7 @@ def _parquet_bytes(table: Any) -> bytes:
     return sink.getvalue()
 
 
-def _write_index(
+def write_index(
     kind: str,
     weights: np.ndarray,
     bias: np.ndarray | None,
@@ -291,10 +349,11 @@ def _write_index(
     }
 
 
-def _verify_encoder(
-    model: nn.Module, spec: Any, program: Any, data: dict[str, Any], storage: StorageSection
-) -> float:
-    """max |exported − model| of seq_repr over up to VERIFY_ROWS test histories."""
+def _test_histories(
+    data: dict[str, Any], storage: StorageSection
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Up to VERIFY_ROWS of the run's test histories (item_seq (T, L), seq_len (T,)), or None
+    when the examples are gone (they are a cache beside the prepared data)."""
     import pyarrow.dataset as pads
 
     from fearec_dist.storage import resolve
@@ -303,18 +362,13 @@ def _verify_encoder(
         fs, root = resolve(f"{data['uri']}/test", storage)
         rows = pads.dataset(root, filesystem=fs, format="parquet").head(VERIFY_ROWS)
     except (OSError, ValueError, FileNotFoundError):
-        return math.nan  # the examples were cleaned away; the tests check the format itself
+        return None
     if rows.num_rows == 0:
-        return math.nan
+        return None
     L = data["max_seq_len"]
-    item_seq = torch.from_numpy(
-        rows.column("history").combine_chunks().values.to_numpy().reshape(-1, L).astype(np.int64)
-    )
-    seq_len = torch.from_numpy(rows.column("length").to_numpy().astype(np.int64))
-    with torch.no_grad():
-        want = spec.encode(model, {"item_seq": item_seq, "seq_len": seq_len})
-        got = program.module()(item_seq, seq_len)
-    return float((want - got).abs().max())
+    history = rows.column("history").combine_chunks().values.to_numpy()
+    item_seq = torch.from_numpy(history.reshape(-1, L).astype(np.int64))
+    return item_seq, torch.from_numpy(rows.column("length").to_numpy().astype(np.int64))
 
 
 def _check_output(out: str, storage: StorageSection) -> None:
