@@ -92,7 +92,14 @@ def build_index(
     faiss = import_faiss()
     vectors = index_vectors(weights, bias)
     n, dim = vectors.shape
-    used = default_params(kind, n) | (params or {})
+    defaults = default_params(kind, n)
+    unknown = sorted(set(params or {}) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"--index-param {unknown[0]}: not a parameter of {kind}; "
+            f"valid: {', '.join(defaults) or 'none'}"
+        )
+    used = defaults | (params or {})
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "ivf":

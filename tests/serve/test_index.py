@@ -57,6 +57,16 @@ def test_ann_recall_at_defaults(kind):
     assert recall >= 0.95, (kind, recall, used)
 
 
+def test_index_params_are_checked():
+    from fearec_dist.serve.index import build_index
+
+    items, _, _ = trained_like_catalogue()
+    index, used = build_index("ivf", items[:2000], None, {"nprobe": 3})
+    assert used == {"nlist": 45, "nprobe": 3} and index.nprobe == 3
+    with pytest.raises(ValueError, match="efSearch: not a parameter of ivf; valid: nlist, nprobe"):
+        build_index("ivf", items[:2000], None, {"efSearch": 3})
+
+
 def test_bias_column_ranks_like_the_exact_scores():
     from fearec_dist.serve.index import build_index, query_vectors, search
     from fearec_dist.serve.recommend import exact_topk
