@@ -41,7 +41,7 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 SUMMARY = "_summary.json"  # written last; list_files and Ray's readers skip "_" files
-READ_CPUS = 0.25
+READ_CPUS = 0.25  # per read or write task
 
 
 def read_vocab(prepared_uri: str, name: str, storage: StorageSection) -> pa.Array:
@@ -227,8 +227,8 @@ def run_batch(
     columns = ["user", "items"] if prepared else ["user_id", "item_ids"]
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
-    # reads are I/O-bound: a fraction of a CPU each, so an actor pool that takes every CPU of
-    # the instance does not starve them (on 2 CPUs, one 2-CPU actor stalled the job)
+    # reads and writes are I/O-bound: a fraction of a CPU each, so an actor pool that takes
+    # every CPU of the instance does not starve them (on 2 CPUs, one 2-CPU actor stalled the job)
     ds = ray.data.read_parquet(path, filesystem=fs, columns=columns, num_cpus=READ_CPUS)
     use_gpu = device.startswith("cuda")
     ds = ds.map_batches(
@@ -242,7 +242,7 @@ def run_batch(
     )
     out_fs, out_path = resolve(out, storage)
     try:
-        ds.write_parquet(out_path, filesystem=out_fs)
+        ds.write_parquet(out_path, filesystem=out_fs, ray_remote_args={"num_cpus": READ_CPUS})
     except Exception as err:
         delete_dir(out, storage)
         raise _unwrap(err) from None
