@@ -77,6 +77,26 @@ def test_actor_rows_for_bad_input(make_export, fallback):
             assert rows[user]["source"] == "empty_history" and rows[user]["item_ids"] == []
 
 
+def test_actor_rows_for_a_prepared_dataset(make_export):
+    """Prepared input: internal ids used as they are when the vocabularies match, translated
+    through the raw ids otherwise; both give the same rows, with raw user ids."""
+    from fearec_dist.serve.batch import BatchRecommender
+
+    run, out = make_export("sasrec")
+    batch = pq.read_table(run.prepared / "sequences", columns=["user", "items"]).slice(0, 20)
+    options = {
+        "k": 5, "ann": False, "exclude_seen": True, "fallback": "none", "strict": True,
+        "device": "cpu", "threads": 1, "prepared": str(run.prepared), "same_vocab": True,
+    }  # fmt: skip
+    same = BatchRecommender(str(out), options, {})(batch)
+    translated = BatchRecommender(str(out), options | {"same_vocab": False}, {})(batch)
+    assert same.equals(translated)
+    users = batch.column("user").to_pylist()
+    assert same.column("user_id").to_pylist() == [f"u{u}" for u in users]
+    for row, u in zip(same.to_pylist(), users):  # --exclude-seen: none of the user's items
+        assert not set(row["item_ids"]) & {raw_item(int(i)) for i in run.sequences[u - 1]}
+
+
 def test_actor_rows_strict(make_export):
     from fearec_dist.serve.artifact import ServeError
     from fearec_dist.serve.batch import BatchRecommender
