@@ -99,35 +99,19 @@ def default_output(run_uri: str, checkpoint_uri: str) -> str:
     return f"{run}/export"
 
 
-def rebuild_model(state: dict[str, Any], storage: StorageSection) -> tuple[nn.Module, Any, Any]:
-    """A checkpoint's model with its best validation weights, in eval mode.
+def rebuild_model(state: dict[str, Any]) -> tuple[nn.Module, Any, Any]:
+    """A checkpoint's model with its best validation weights, in eval mode (built as the
+    trainer and ``evaluate`` build it, S3Rec's attribute table included).
 
     Returns:
         (model, its ModelSpec, the ExperimentConfig).
     """
-    from fearec_dist.models import build_model, get_spec
+    from fearec_dist.models import get_spec
+    from fearec_dist.train.stages import build_run_model
 
     cfg = ExperimentConfig.from_dict(state["config"], "checkpoint config")
-    data = state["data"]
     spec = get_spec(cfg.model.name)
-    extra: dict[str, Any] = {}
-    if spec.needs_attributes:
-        from fearec_dist.data.attributes import read_attribute_table
-
-        table = read_attribute_table(data["prepared_uri"], storage, data["n_items"])
-        if table is None:
-            raise ServeError(
-                f"model {cfg.model.name!r} needs item attributes, but the run's prepared data "
-                f"{data['prepared_uri']} has no attributes.parquet"
-            )
-        extra["item_attributes"] = table
-    model = build_model(
-        cfg.model.name,
-        n_items=data["n_items"],
-        max_seq_len=data["max_seq_len"],
-        **cfg.model.params,
-        **extra,
-    )
+    model = build_run_model(spec, cfg, state["data"])
     model.load_state_dict(state.get("best_model") or state["model"])
     return model.eval(), spec, cfg
 
@@ -183,7 +167,7 @@ def export_run(
     out = (output_uri or default_output(run_uri, checkpoint)).rstrip("/")
     _check_output(out, storage)
     state = load_state_uri(checkpoint, storage)
-    model, spec, cfg = rebuild_model(state, storage)
+    model, spec, cfg = rebuild_model(state)
     data = state["data"]
     n_items = int(data["n_items"])
     say(
