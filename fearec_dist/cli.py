@@ -4,6 +4,8 @@ fearec-dist prepare --input URI --format {parquet,csv,atomic,seqtxt,synthetic} -
 fearec-dist train --config F [--set section.key=value ...] [--local | --debug] [--workers N]
 fearec-dist tune --config F --space F [--local]
 fearec-dist evaluate --checkpoint URI
+fearec-dist export --run DIR|URI [--output URI] [--index flat|ivf|hnsw]
+fearec-dist recommend --export DIR|URI (--history "raw ids" | --input URI --output URI) [-k K]
 fearec-dist submit CONFIG [--tune SPACE] [--address URL]   (ray job submit on a cluster)
 fearec-dist demo
 python -m fearec_dist ...   (the same CLI)
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fearec_dist.config import ConfigError, ExperimentConfig, add_set_argument, load_config
+from fearec_dist.serve.cli import SERVE_COMMANDS, add_serve_commands
 from fearec_dist.train.trainer import TrainingFailed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     from fearec_dist.submit import build_submit_parser
 
     build_submit_parser(sub)
+
+    add_serve_commands(sub)
 
     p = sub.add_parser("demo", help="prepare synthetic data and train FEARec locally (make demo)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="defaults to jobs/configs/demo.yaml")
@@ -217,6 +222,7 @@ COMMANDS = {
     "tune": cmd_tune,
     "evaluate": cmd_evaluate,
     "demo": cmd_demo,
+    **SERVE_COMMANDS,
 }
 
 
