@@ -336,22 +336,18 @@ def write_index(
 def _test_histories(
     data: dict[str, Any], storage: StorageSection
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Up to VERIFY_ROWS of the run's test histories (item_seq (T, L), seq_len (T,)), or None
-    when the examples are gone (they are a cache beside the prepared data)."""
-    import pyarrow.dataset as pads
-
-    from fearec_dist.storage import resolve
+    """Up to VERIFY_ROWS of the run's test histories (item_seq (T, L), seq_len (T,)), cut from
+    the prepared sequences; None when they cannot be read."""
+    from fearec_dist.data.examples import dense, iter_eval_rows
 
     try:
-        fs, root = resolve(f"{data['uri']}/test", storage)
-        rows = pads.dataset(root, filesystem=fs, format="parquet").head(VERIFY_ROWS)
-    except (OSError, ValueError, FileNotFoundError):
+        rows = next(iter_eval_rows(data, "test", VERIFY_ROWS, storage), None)
+    except (OSError, ValueError, FileNotFoundError, KeyError):
         return None
-    if rows.num_rows == 0:
+    if rows is None or rows.num_rows == 0:
         return None
-    L = data["max_seq_len"]
-    history = rows.column("history").combine_chunks().values.to_numpy()
-    item_seq = torch.from_numpy(history.reshape(-1, L).astype(np.int64))
+    rows = rows.slice(0, VERIFY_ROWS)
+    item_seq = torch.from_numpy(dense(rows.column("history")).astype(np.int64))
     return item_seq, torch.from_numpy(rows.column("length").to_numpy().astype(np.int64))
 
 

@@ -185,6 +185,7 @@ def train_func(config: dict[str, Any]) -> None:
     def on_step(partial: dict[str, Any]) -> None:
         if every and partial["steps"] % every == 0:
             reporter.report_step(state, partial)
+
     for epoch in range(state.progress.epoch, t.epochs):
         partial, state.progress.partial = state.progress.partial, {}
         stats = train_one_epoch(model, state.module, loss_fn, feed, epoch, state.optimizer,

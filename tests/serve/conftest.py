@@ -75,7 +75,6 @@ class Run:
 
 def _train_run(root: Path, name: str, overrides: list[str], seed: int = 0) -> Run:
     from fearec_dist.config import load_config
-    from fearec_dist.data.examples import examples_table
     from fearec_dist.data.sequences import build_loo_examples, sequences_to_csr
     from fearec_dist.models import build_model, get_spec
     from fearec_dist.train.checkpoint import save_state
@@ -85,9 +84,7 @@ def _train_run(root: Path, name: str, overrides: list[str], seed: int = 0) -> Ru
     write_prepared(prepared, sequences, N_ITEMS)
     offsets, items = sequences_to_csr(sequences)
     splits = build_loo_examples(offsets, items, np.arange(1, N_USERS + 1), MAX_LEN)
-    examples = prepared / "examples" / "L12-test"
-    (examples / "test").mkdir(parents=True)
-    pq.write_table(examples_table(splits["test"], MAX_LEN), examples / "test" / "part-0.parquet")
+    examples = prepared / "examples" / "L12-test"  # the test rows are cut from the sequences
 
     cfg = load_config(
         None,

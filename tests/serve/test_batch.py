@@ -148,7 +148,6 @@ def test_train_export_and_batch_on_s3(ray_session, s3_server, capsys):
             "data.format=prepared",
             f"data.path=s3://{bucket}/prepared",
             "data.max_seq_len=10",
-            "data.n_buckets=2",
             "model.name=sasrec",
             "model.hidden_size=16",
             "model.inner_size=32",
