@@ -59,7 +59,8 @@ def build_trainer(
             "experiment": cfg.to_dict(),
             "examples": info,
             "run_dir": f"{storage_root(cfg.run.storage_path)}/{name}",
-            "planner": start_feed(cfg, info, max(1, workers), pair),
+            # the run's training stream (none for a trainer built without examples, to inspect)
+            "planner": start_feed(cfg, info, max(1, workers), pair) if info else None,
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=cfg.run.use_gpu, resources_per_worker=worker_resources(cfg)
