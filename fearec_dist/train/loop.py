@@ -191,6 +191,8 @@ def train_func(config: dict[str, Any]) -> None:
         stats = train_one_epoch(model, state.module, loss_fn, feed, epoch, state.optimizer,
                                 device, t.amp, gather, partial, on_step)  # fmt: skip
         row = epoch_row(epoch + 1, stats, world)
+        if partial:  # this epoch resumed from a step checkpoint: say where, in metrics.csv
+            row["resumed_at_step"] = partial["steps"]
         due = (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
         if due and t.evaluate and t.stage != "pretrain":  # pretraining ranks nothing
             evaluate_epoch(row, state, score, t)
