@@ -95,8 +95,21 @@ def newest_progress(run_dir: Path) -> dict:
         return {}
 
 
+def registered_step_in_epoch_2(run_dir: Path) -> bool:
+    """Whether Ray Train has registered a step checkpoint inside epoch 2 (its snapshot lists
+    it): one on disk but not yet registered is not what a restart restores from."""
+    try:
+        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(
+        r.get("metrics", {}).get("epoch") == 1 and r.get("metrics", {}).get("step_in_epoch")
+        for r in snap.get("checkpoint_results", [])
+    )
+
+
 class KillInEpoch2:
-    """A watcher thread: once the run's newest checkpoint is a step checkpoint inside epoch 2,
+    """A watcher thread: once Ray has registered a step checkpoint inside epoch 2,
     it sends SIGKILL to one of the run's train workers, found through this Ray instance's State
     API as an operator would (from outside the worker's process, no hook inside it)."""
 
@@ -120,8 +133,7 @@ class KillInEpoch2:
         deadline = time.time() + 500
         try:
             while time.time() < deadline and not self.killed:
-                progress = newest_progress(self.run_dir)
-                if progress.get("epoch") == 1 and progress.get("partial", {}).get("steps", 0):
+                if registered_step_in_epoch_2(self.run_dir):
                     alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
                     workers = list_actors(address=self.api, filters=alive)
                     if workers:
