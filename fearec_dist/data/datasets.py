@@ -69,8 +69,8 @@ def build_datasets(cfg: ExperimentConfig, info: dict[str, Any]) -> dict[str, Any
         return {}
     users = sample_users(info["n_users"], cfg.train.valid_users, cfg.train.seed)
     return {
-        "valid": eval_dataset(info, "valid", cfg.storage, users),
-        "test": eval_dataset(info, "test", cfg.storage),
+        "valid": eval_dataset(info, "valid", cfg.storage, users).materialize(),
+        "test": eval_dataset(info, "test", cfg.storage).materialize(),
     }
 
 

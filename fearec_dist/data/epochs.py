@@ -19,8 +19,8 @@ is the sequences alone. Per epoch e (seed s)::
                                                  a function of (seed, epoch, W), not of timing
 
 ``EpochPlanner`` (a Ray actor, one per run, no CPU of its own) runs that job for epoch e on the
-first request and starts epoch e + 1 in the background at once, so from the second epoch on the
-pairing and shuffle overlap training; it keeps at most two epochs alive. Each train worker gets
+first request and starts epoch e + 1 in the background as soon as e is built, so from the second
+epoch on the pairing and shuffle overlap training (not the build of e); it keeps at most two epochs alive. Each train worker gets
 its range as a ``MaterializedDataset`` and streams it block by block (``prefetch_blocks`` in
 flight) into a shuffle buffer of ``shuffle_buffer`` examples, from which batches are drawn
 (seeded by seed, epoch, rank). A chunk holds the rows of one partition (1/P of the targets), so a
@@ -257,10 +257,11 @@ class EpochPlannerImpl:
         self, epoch: int, rank: int, prefetch_next: bool = True
     ) -> tuple[Any, int, int, float]:
         """(rank's dataset, rows per rank, rows dropped this epoch, seconds to build)."""
-        event = self._start(epoch)
+        self._start(epoch).wait()
+        # the next epoch starts once this one is built: it overlaps this epoch's training, not
+        # this epoch's build (on few CPUs the two builds would only slow each other down)
         if prefetch_next and (self.epochs is None or epoch + 1 < self.epochs):
             self._start(epoch + 1)
-        event.wait()
         if epoch in self.errors:
             raise self.errors[epoch]
         # every rank asks for epoch e only after all ranks finished e - 1 (the epoch's report
