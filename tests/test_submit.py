@@ -227,7 +227,7 @@ def sweep_job(ray_head, tmp_path_factory):
 def test_demo_job_succeeds_and_writes_results(ray_head, sweep_job, tmp_path):
     args = [DEMO, "--working-dir", str(REPO), "--address", ray_head.address]
     args += ["--token-path", str(ray_head.token_path), "--submission-id", "tiny-demo"]
-    args += ["--timeout", "300", *_sets([*TINY, f"run.storage_path={tmp_path}"])]
+    args += ["--timeout", "600", *_sets([*TINY, f"run.storage_path={tmp_path}"])]
     assert submit.main(args) == 0
     results = json.loads((tmp_path / "tiny-demo" / "results.json").read_text())
     assert results["epochs_run"] == 1 and results["best_epoch"] == 1

@@ -24,7 +24,7 @@ TINY = [
     "run.workers=1",
     "run.cpus_per_worker=0.5",
     "tune.num_samples=6",
-    "tune.max_t=4",
+    "tune.max_t=3",
     "tune.grace_period=1",
     "tune.reduction_factor=2",
     "tune.max_concurrent_trials=2",
@@ -80,7 +80,7 @@ def test_asha_sweep_stops_weak_trials_and_best_config_trains(ray_session, tmp_pa
         rows = list(csv.DictReader(f))
     assert len(rows) == 6
     epochs = [int(r["epochs"]) for r in rows]
-    assert max(epochs) == 4 and min(epochs) < 4  # ASHA stopped some trials early
+    assert max(epochs) == 3 and min(epochs) < 3  # ASHA stopped some trials early
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "trials.md").read_text().count("\n") >= 7
 

@@ -20,12 +20,13 @@ is the sequences alone. Per epoch e (seed s)::
 
 ``EpochPlanner`` (a Ray actor, one per run, no CPU of its own) runs that job for epoch e on the
 first request and starts epoch e + 1 in the background as soon as e is built, so from the second
-epoch on the pairing and shuffle overlap training (not the build of e); it keeps at most two epochs alive. Each train worker gets
-its range as a ``MaterializedDataset`` and streams it block by block (``prefetch_blocks`` in
-flight) into a shuffle buffer of ``shuffle_buffer`` examples, from which batches are drawn
-(seeded by seed, epoch, rank). A chunk holds the rows of one partition (1/P of the targets), so a
-batch drawn straight from one chunk would train on a few targets at a time; a buffer over many
-chunks mixes them (the distinct targets per batch match an i.i.d. draw: tests/data/test_epochs.py).
+epoch on the pairing and shuffle overlap training (not the build of e); it keeps at most two epochs
+alive. Each train worker gets its range as a ``MaterializedDataset`` and streams it block by block
+(``prefetch_blocks`` in flight) into a shuffle buffer of ``shuffle_buffer`` examples, from which
+batches are drawn (seeded by seed, epoch, rank). A chunk holds the rows of one partition (1/P of
+the targets), so a batch drawn straight from one chunk would train on a few targets at a time; a
+buffer over many chunks mixes them (the distinct targets per batch match an i.i.d. draw:
+tests/data/test_epochs.py).
 
 Memory: a worker holds the buffer plus the blocks in flight, ``(shuffle_buffer + prefetch_blocks
 × block_rows) × (2L + 4) × 4`` bytes at most, whatever the data size; the driver holds nothing
@@ -51,8 +52,8 @@ import numpy as np
 import pyarrow as pa
 
 from fearec_dist.config import StorageSection
-from fearec_dist.data.examples import dense, fixed_list, sequences_csr, sequences_dataset
-from fearec_dist.data.sequences import build_loo_examples
+from fearec_dist.data.examples import dense, fixed_list, sequences_dataset
+from fearec_dist.data.sequences import build_loo_examples, sequences_csr
 
 DATA_TASK_CPUS = 0.25
 FIELDS = ("history", "length", "target", "user")
@@ -221,6 +222,19 @@ def plan_epoch(ds: Any, world: int) -> EpochPlan:
     return EpochPlan(parts[:world], q, n - q * world, time.perf_counter() - t0)
 
 
+class PlanError(RuntimeError):
+    """Building an epoch's data failed. A plain error holding the cause's text and traceback:
+    re-raising the cause itself (often a Ray or Arrow error wrapping another) through one more
+    actor call makes Ray build an exception class over a class it cannot always subclass, and
+    the real message is lost behind a ``SystemError``."""
+
+    def __init__(self, epoch: int, cause: BaseException) -> None:
+        import traceback
+
+        text = "".join(traceback.format_exception(cause)).strip()
+        super().__init__(f"building epoch {epoch + 1}'s training data failed: {cause!r}\n{text}")
+
+
 class EpochPlannerImpl:
     """Builds epoch datasets on request and the next one ahead (the actor's body)."""
 
@@ -242,7 +256,7 @@ class EpochPlannerImpl:
             ds = epoch_dataset(epoch=epoch, **self.params)
             self.plans[epoch] = plan_epoch(ds, self.world)
         except BaseException as err:  # handed to the ranks that ask for this epoch
-            self.errors[epoch] = err
+            self.errors[epoch] = PlanError(epoch, err)
         finally:
             self.building[epoch].set()
 

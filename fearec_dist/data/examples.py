@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fearec_dist.config import StorageSection
-from fearec_dist.data.sequences import build_loo_examples, gather_ranges
+from fearec_dist.data.popularity import training_counts
+from fearec_dist.data.sequences import build_loo_examples, gather_ranges, sequences_csr
 from fearec_dist.storage import open_output, read_json, resolve, write_json
 
 EXAMPLES_VERSION = 2
@@ -42,14 +43,6 @@ def fingerprint(meta: dict[str, Any]) -> str:
 
 def examples_uri(prepared_uri: str, meta: dict[str, Any], max_seq_len: int) -> str:
     return f"{prepared_uri.rstrip('/')}/examples/L{max_seq_len}-{fingerprint(meta)}"
-
-
-def sequences_csr(batch: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A batch of ``user``/``items`` rows -> (offsets (U + 1,), items (I,) int32, users (U,))."""
-    items_col = batch.column("items").combine_chunks()
-    offsets = items_col.offsets.to_numpy().astype(np.int64)
-    items = items_col.values.to_numpy().astype(np.int32)[offsets[0] : offsets[-1]]
-    return offsets - offsets[0], items, batch.column("user").to_numpy().astype(np.int32)
 
 
 def dense(col: Any) -> np.ndarray:
@@ -162,19 +155,14 @@ class _Count:
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         offsets, items, _ = sequences_csr(batch)
-        lens = np.diff(offsets)
-        samples = np.maximum(lens - 1, 0)
+        samples = np.maximum(np.diff(offsets) - 1, 0)
         n_test = int((samples >= 2).sum())
         n_valid = int((samples >= 3).sum())
         n_train = int(samples.sum()) - n_test - n_valid
-        # training targets: positions 1 .. n - 3 (1 .. n - 2 with two items, none with one)
-        last = np.where(samples >= 3, lens - 3, np.where(samples >= 1, 1, 0))
-        pos = np.arange(len(items)) - np.repeat(offsets[:-1], lens)
-        train_item = items[(pos >= 1) & (pos <= np.repeat(last, lens))]
-        counts = np.bincount(train_item, minlength=self.n_items + 1)
+        counts = training_counts(offsets, items, self.n_items, targets_only=True)
         return {
             "n": np.array([[n_train, n_valid, n_test]], dtype=np.int64),
-            "counts": counts[None, :].astype(np.int64),
+            "counts": counts[None, :],
         }
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from fearec_dist.config import StorageSection
+from fearec_dist.data.sequences import list_csr
 
 
 def held_out_per_user(lengths: np.ndarray) -> np.ndarray:
@@ -31,13 +32,17 @@ def held_out_per_user(lengths: np.ndarray) -> np.ndarray:
     return (samples >= 2).astype(np.int64) + (samples >= 3)
 
 
-def training_counts(offsets: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
+def training_counts(
+    offsets: np.ndarray, items: np.ndarray, n_items: int, *, targets_only: bool = False
+) -> np.ndarray:
     """Interactions per item id in the training part of every sequence.
 
     Args:
         offsets: (U + 1,) CSR offsets into ``items`` (each user's run oldest first).
         items: (I,) item ids in 1..n_items.
         n_items: N.
+        targets_only: count only the training examples' targets (every training position but
+            a user's first item, which is only ever history): the examples' ``item_counts``.
 
     Returns:
         (N + 1,) int64 counts; index 0 (padding) is 0.
@@ -49,7 +54,7 @@ def training_counts(offsets: np.ndarray, items: np.ndarray, n_items: int) -> np.
     # position of each interaction inside its user's run, vectorised
     user = np.repeat(np.arange(len(lengths)), lengths)
     pos = np.arange(len(items)) - offsets[:-1][user]
-    train_items = np.asarray(items)[pos < keep[user]]
+    train_items = np.asarray(items)[(pos < keep[user]) & (pos >= int(targets_only))]
     counts = np.bincount(train_items, minlength=n_items + 1).astype(np.int64)
     if len(counts) > n_items + 1:
         raise ValueError(f"item id {len(counts) - 1} is outside 1..{n_items}")
@@ -79,10 +84,8 @@ def read_training_counts(
     total = np.zeros(n_items + 1, dtype=np.int64)
     dataset = pads.dataset(root, filesystem=fs, format="parquet")
     for batch in dataset.to_batches(columns=["items"], batch_size=65_536):
-        col = batch.column("items")
-        offsets = col.offsets.to_numpy().astype(np.int64)
-        values = col.values.to_numpy()[offsets[0] : offsets[-1]]
-        total += training_counts(offsets - offsets[0], values, n_items)
+        offsets, values = list_csr(batch.column("items"))
+        total += training_counts(offsets, values.to_numpy(zero_copy_only=False), n_items)
     return total
 
 

@@ -13,6 +13,8 @@ last L), used by the history-masked protocol.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from fearec_dist.config import StorageSection
@@ -104,6 +106,21 @@ def sequences_to_csr(item_lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarr
     return offsets, items
 
 
+def list_csr(col: Any) -> tuple[np.ndarray, Any]:
+    """A list column (Arrow Array or ChunkedArray) -> (offsets (n + 1,) int64 from 0, values):
+    row r's elements are ``values[offsets[r]:offsets[r + 1]]`` (an Arrow array, not copied)."""
+    col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    return offsets - offsets[0], col.values.slice(offsets[0], offsets[-1] - offsets[0])
+
+
+def sequences_csr(batch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A table of ``user``/``items`` rows -> (offsets (U + 1,), items (I,) int32, users (U,))."""
+    offsets, values = list_csr(batch.column("items"))
+    items = values.to_numpy(zero_copy_only=False).astype(np.int32)
+    return offsets, items, batch.column("user").to_numpy().astype(np.int32)
+
+
 def read_sequences(
     prepared_uri: str, storage: StorageSection | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -128,8 +145,5 @@ def read_sequences(
     if not exists(f"{root}/meta.json", storage):
         raise DataError(f"{root}: not a prepared dataset (no meta.json)")
     fs, path = resolve(f"{root}/sequences", storage)
-    table = pq.read_table(path, filesystem=fs, columns=["user", "items"]).sort_by("user")
-    col = table.column("items").combine_chunks()
-    offsets = col.offsets.to_numpy().astype(np.int64)
-    items = col.values.to_numpy().astype(np.int32)[offsets[0] : offsets[-1]]
-    return offsets - offsets[0], items, table.column("user").to_numpy().astype(np.int32)
+    table = pq.read_table(path, filesystem=fs, columns=["user", "items"])
+    return sequences_csr(table.sort_by("user"))

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from fearec_dist.config import StorageSection
+from fearec_dist.data.sequences import list_csr
 from fearec_dist.serve.artifact import ServeError, vocab_checksum
 
 OUTPUT_SCHEMA = pa.schema(
@@ -95,13 +96,11 @@ class BatchRecommender:
         o = self.o
         if self.users is not None:  # a prepared dataset: internal user and item ids
             user_ids = self.users.take(pa.array(batch.column("user").to_numpy() - 1))
-            col = batch.column("items").combine_chunks()
+            col = batch.column("items")
         else:
             user_ids = batch.column("user_id").cast(pa.string()).combine_chunks()
-            col = batch.column("item_ids").combine_chunks()
-        offsets = col.offsets.to_numpy().astype(np.int64)
-        values = col.values.slice(offsets[0], offsets[-1] - offsets[0])
-        offsets = offsets - offsets[0]
+            col = batch.column("item_ids")
+        offsets, values = list_csr(col)
         if self.users is not None and self.item_raw is None:
             items = values.to_numpy(zero_copy_only=False).astype(np.int64)
             hist = Histories(offsets, items, np.zeros(len(offsets) - 1, dtype=np.int64))
@@ -229,7 +228,7 @@ def run_batch(
     ctx.enable_progress_bars = progress
     # reads and writes are I/O-bound: a fraction of a CPU each, so an actor pool that takes
     # every CPU of the instance does not starve them (on 2 CPUs, one 2-CPU actor stalled the job)
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=columns, num_cpus=READ_CPUS)
+    ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=READ_CPUS).select_columns(columns)
     use_gpu = device.startswith("cuda")
     ds = ds.map_batches(
         BatchRecommender,

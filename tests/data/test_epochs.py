@@ -246,3 +246,23 @@ def test_epoch_plan_pairs_across_files_and_is_the_same_in_every_run(ray_session,
     assert (both["target"][partner] == both["target"]).all()
     assert (file_of[partner] != file_of).mean() > 0.4  # partners come from the other files
     ray.kill(first), ray.kill(second)
+
+
+def test_a_failed_epoch_build_reaches_the_rank_as_a_plain_error_naming_the_cause(
+    ray_session, tmp_path
+):
+    """A broken sequences file fails the epoch's Ray Data job inside the planner actor; the rank
+    asking for the epoch gets one readable error (which epoch, the cause's text), not a
+    ``SystemError`` from re-raising a Ray-wrapped exception through another actor call."""
+    import ray
+
+    from fearec_dist.data.epochs import PlanError
+
+    (tmp_path / "sequences").mkdir()
+    (tmp_path / "sequences" / "part-0.parquet").write_bytes(b"not parquet at all")
+    params = dict(prepared_uri=str(tmp_path), max_seq_len=8, seed=1, pair=True, n_examples=10)
+    planner = start_planner(params, 1)
+    with pytest.raises(PlanError, match=r"building epoch 1's training data failed") as err:
+        ray.get(planner.shard.remote(0, 0, False), timeout=300)
+    assert "part-0.parquet" in str(err.value) or "Parquet" in str(err.value)
+    ray.kill(planner)

@@ -45,3 +45,30 @@ def test_counts_match_the_beauty_formula():
     out = _examples(seqs, L=50)
     assert len(out["train"]["target"]) == sum(len(s) - 3 for s in seqs)
     assert len(out["valid"]["target"]) == len(out["test"]["target"]) == 200
+
+
+def test_item_counts_and_popularity_counts_follow_the_split():
+    """The examples' item counts are the training examples' targets; the popularity counts are
+    every training interaction (the targets plus each user's first item); neither sees a
+    valid or test target. Users of 1..6 items cover every leave-one-out case."""
+    import pyarrow as pa
+
+    from fearec_dist.data.examples import _Count
+    from fearec_dist.data.popularity import training_counts
+
+    rng = np.random.default_rng(5)
+    seqs = [rng.integers(1, 9, n) for n in (1, 2, 3, 4, 5, 6, 6, 2)]
+    offsets, items = sequences_to_csr(seqs)
+    split = build_loo_examples(offsets, items, np.arange(1, len(seqs) + 1), max_seq_len=4)
+    expected = np.bincount(split["train"]["target"], minlength=9)
+    batch = pa.table(
+        {
+            "user": pa.array(np.arange(1, len(seqs) + 1, dtype=np.int32)),
+            "items": pa.array([s.astype(np.int32) for s in seqs], pa.list_(pa.int32())),
+        }
+    )
+    counted = _Count(8)(batch)
+    np.testing.assert_array_equal(counted["counts"][0], expected)
+    assert counted["n"][0].tolist() == [len(split[k]["target"]) for k in ("train", "valid", "test")]
+    firsts = np.bincount([s[0] for s in seqs if len(s) >= 2], minlength=9)
+    np.testing.assert_array_equal(training_counts(offsets, items, 8), expected + firsts)
