@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fearec_dist.typecheck import coerce, type_name
 
 FORMATS = ("parquet", "csv", "atomic", "seqtxt", "prepared", "synthetic")
 
@@ -167,7 +168,7 @@ class RunSection:
                 raise ConfigError(
                     f"{key}: set CPUs and GPUs with run.cpus_per_worker / run.use_gpu"
                 )
-            ok, value = _type_ok(amount, float)
+            ok, value = coerce(amount, float)
             if not ok or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{key}: must be a number >= 0, got {amount!r}")
             resources[name] = value
@@ -248,55 +249,6 @@ def fold_storage_alias(raw: dict[str, Any], source: str) -> dict[str, Any]:
 # dataclass building with type checks
 
 
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Returns (ok, coerced value) for a value against an annotation."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True, value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            return type(None) in args, None
-        for arg in args:
-            if arg is type(None):
-                continue
-            ok, v = _type_ok(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if tp is float:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, (int, float)):
-            return True, float(value)
-        if isinstance(value, str):  # YAML reads 1e-3 as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if tp is int:
-        return (isinstance(value, int) and not isinstance(value, bool)), value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is str:
-        return isinstance(value, str), value
-    if origin is list:
-        if not isinstance(value, list):
-            return False, value
-        (inner,) = typing.get_args(tp) or (Any,)
-        out = []
-        for v in value:
-            ok, c = _type_ok(v, inner)
-            if not ok:
-                return False, value
-            out.append(c)
-        return True, out
-    if origin is dict:
-        return isinstance(value, dict), value
-    return isinstance(value, tp), value
-
-
 def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
@@ -327,21 +279,17 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.", source)
             continue
-        ok, coerced = _type_ok(value, tp)
+        ok, coerced = coerce(value, tp)
         if not ok:
             raise ConfigError(
                 f"{source}: {prefix}{key} = {value!r} has type {type(value).__name__}, "
-                f"expected {_type_name(tp)}"
+                f"expected {type_name(tp)}"
             )
         kwargs[key] = coerced
     try:
         return cls(**kwargs)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fearec_dist.config import ConfigError, _type_ok
+from fearec_dist.config import ConfigError
 from fearec_dist.models.spec import ModelSpec
+from fearec_dist.typecheck import coerce
 
 # name -> the module that declares its SPEC
 _MODULES: dict[str, str] = {
@@ -71,7 +72,7 @@ def build_config(name: str, params: dict[str, Any]) -> Any:
     values = spec.preset | params
     resolved = typing.get_type_hints(spec.config_cls)
     for key, value in list(values.items()):
-        ok, coerced = _type_ok(value, resolved[key])
+        ok, coerced = coerce(value, resolved[key])
         if not ok:
             raise ConfigError(
                 f"model.{key} = {value!r} has type {type(value).__name__}, "
