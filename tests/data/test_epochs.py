@@ -166,16 +166,13 @@ def test_batches_from_the_buffer_are_as_mixed_as_an_iid_draw() -> None:
     blocks = _blocks(n_items=5000, rows=60_000, block_rows=512, seed=0)
     all_targets = np.concatenate([b["target"].to_numpy() for b in blocks])
     stats: dict[str, float] = {}
-    batches = list(
-        shard_batches(
-            iter(blocks),
-            batch_size=128,
-            steps=400,
-            buffer_size=16_384,
-            rng=np.random.default_rng(1),
-            stats=stats,
-        )
-    )
+
+    def draws(skip: int = 0) -> list[dict[str, np.ndarray]]:
+        rng = np.random.default_rng(1)
+        kw = {"batch_size": 128, "steps": 400, "buffer_size": 16_384, "rng": rng, "skip": skip}
+        return list(shard_batches(iter(blocks), **kw, stats=stats))
+
+    batches = draws()
     assert len(batches) == 400 and stats["skipped"] == len(all_targets) - 400 * 128
     distinct = np.mean([len(np.unique(b["target"])) for b in batches])
     rng = np.random.default_rng(2)
@@ -184,16 +181,7 @@ def test_batches_from_the_buffer_are_as_mixed_as_an_iid_draw() -> None:
     assert distinct >= 0.97 * iid, (distinct, iid)
     assert straight < 0.9 * iid  # the trap the buffer avoids (a chunk is one partition)
     # resume: skipping the first k draws yields exactly the remaining batches
-    again = list(
-        shard_batches(
-            iter(blocks),
-            batch_size=128,
-            steps=400,
-            buffer_size=16_384,
-            rng=np.random.default_rng(1),
-            skip=150,
-        )
-    )
+    again = draws(skip=150)
     assert len(again) == 250
     for x, y in zip(again, batches[150:]):
         assert (x["target"] == y["target"]).all()
