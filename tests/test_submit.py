@@ -210,8 +210,8 @@ def test_submit_without_or_with_a_wrong_token_is_refused(ray_head, tmp_path, mon
 
 @pytest.fixture(scope="module")
 def sweep_job(ray_head, tmp_path_factory):
-    """A tiny sweep submitted with --no-wait, so it runs while the training job test does
-    (None when the tune module is absent: the sweep test skips, the training test still runs)."""
+    """A tiny sweep submitted with --no-wait (None when the tune module is absent: the sweep
+    test skips); the sweep test waits for it."""
     if importlib.util.find_spec("fearec_dist.tune") is None:
         return None
     out = tmp_path_factory.mktemp("sweeps")
@@ -224,17 +224,6 @@ def sweep_job(ray_head, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_demo_job_succeeds_and_writes_results(ray_head, sweep_job, tmp_path):
-    args = [DEMO, "--working-dir", str(REPO), "--address", ray_head.address]
-    args += ["--token-path", str(ray_head.token_path), "--submission-id", "tiny-demo"]
-    args += ["--timeout", "600", *_sets([*TINY, f"run.storage_path={tmp_path}"])]
-    assert submit.main(args) == 0
-    results = json.loads((tmp_path / "tiny-demo" / "results.json").read_text())
-    assert results["epochs_run"] == 1 and results["best_epoch"] == 1
-    assert 0.0 <= results["test"]["hr@10"] <= 1.0 and "ndcg@10" in results["valid"]
-
-
-@pytest.mark.slow
 def test_tiny_sweep_job_succeeds(ray_head, sweep_job):
     if sweep_job is None:
         pytest.skip("fearec_dist.tune (tune issue: run_sweep) is not present yet")
@@ -244,3 +233,16 @@ def test_tiny_sweep_job_succeeds(ray_head, sweep_job):
         assert len(list(csv.DictReader(f))) == 2
     best = load_config(sweep_dir / "best_config.yaml")
     assert best.model.name == "fearec_official"
+
+
+@pytest.mark.slow
+def test_demo_job_succeeds_and_writes_results(ray_head, tmp_path):
+    """After the sweep job (two jobs at once thrash a 2-core box: each brings its own Ray
+    Train and Ray Data processes), the demo job made tiny, waited for to the end."""
+    args = [DEMO, "--working-dir", str(REPO), "--address", ray_head.address]
+    args += ["--token-path", str(ray_head.token_path), "--submission-id", "tiny-demo"]
+    args += ["--timeout", "600", *_sets([*TINY, f"run.storage_path={tmp_path}"])]
+    assert submit.main(args) == 0
+    results = json.loads((tmp_path / "tiny-demo" / "results.json").read_text())
+    assert results["epochs_run"] == 1 and results["best_epoch"] == 1
+    assert 0.0 <= results["test"]["hr@10"] <= 1.0 and "ndcg@10" in results["valid"]

@@ -6,9 +6,13 @@ Owns, in order:
 2. ``prepare_run``: that, plus ``build_examples`` (the examples' counts, cached by L).
 3. ``start_feed``: the run's ``EpochPlanner`` actor, which builds each epoch's training stream
    (``data/epochs.py``); it travels to the workers in the train loop config.
-4. ``build_datasets``: the valid/test Ray datasets (rows cut from the sequences on the fly;
-   validation on a seeded sample of ``train.valid_users`` users when set).
-5. ``UnevenSplitDataConfig``: how Ray Train splits valid/test over the workers (``equal=False``).
+4. ``build_datasets``: the valid/test rows (cut from the sequences, validation on a seeded
+   sample of ``train.valid_users`` users when set), read once per run and materialized in the
+   object store (it spills to disk beyond its cap): every epoch scores them again.
+5. ``eval_shards``: each rank's contiguous range of those rows (all rows kept: a dropped row would
+   be a user never scored). They travel to the workers in the train loop config, like the
+   planner; Ray Train's own dataset splitting (a coordinator actor and a fresh read per
+   dataset and epoch) is not used.
 """
 
 from __future__ import annotations
@@ -91,30 +95,13 @@ def start_feed(cfg: ExperimentConfig, info: dict[str, Any], world: int, needs_pa
     return start_planner(params, world, cfg.train.epochs)
 
 
-def uneven_data_config(shard_locality: bool = True) -> Any:
-    """A Ray Train ``DataConfig`` that splits every dataset with ``streaming_split(equal=False)``.
-
-    Ray's default (``equal=True``) cuts blocks to even out shards: it would cut a target bucket in
-    two and drop evaluation rows (a dropped row is a user never scored). Only public members of
-    ``DataConfig`` are used: the locality flag is kept here, and the execution options are Ray's
-    ``default_ingest_options()`` (this config passes no options of its own).
-    """
-    from ray.train import DataConfig
-
-    class UnevenSplitDataConfig(DataConfig):
-        def __init__(self) -> None:
-            super().__init__(enable_shard_locality=shard_locality)
-
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            output: list[dict[str, Any]] = [{} for _ in range(world_size)]
-            hints = worker_node_ids if shard_locality else None
-            for name, ds in datasets.items():
-                ds = ds.copy(ds)
-                ds.context.execution_options = self.default_ingest_options()
-                for i, split in enumerate(
-                    ds.streaming_split(world_size, equal=False, locality_hints=hints)
-                ):
-                    output[i][name] = split
-            return output
-
-    return UnevenSplitDataConfig()
+def eval_shards(datasets: dict[str, Any], world: int) -> dict[str, list[Any]]:
+    """``{split: [rank 0's rows, ..., rank world-1's]}``: equal contiguous row ranges (the first
+    ranks take one more row when ``world`` does not divide the count), none dropped."""
+    out = {}
+    for name, ds in datasets.items():
+        done = ds.materialize()  # a no-op for build_datasets' own
+        n = done.count()
+        cuts = [n * (r + 1) // world for r in range(world - 1)]
+        out[name] = done.split_at_indices(cuts) if cuts else [done]
+    return out

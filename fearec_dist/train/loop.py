@@ -144,7 +144,7 @@ def valid_on(t: TrainSection, info: dict[str, Any]) -> str:
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train entrypoint. ``config``: ``experiment`` (the config dict), ``examples`` (the
     examples' info.json), ``run_dir`` (URI of this run's output directory), ``planner`` (the
-    run's ``EpochPlanner`` actor)."""
+    run's ``EpochPlanner`` actor), ``eval`` (``{"valid"|"test": [one dataset per rank]}``)."""
     import ray.train
 
     from fearec_dist.models import get_spec
@@ -169,7 +169,7 @@ def train_func(config: dict[str, Any]) -> None:
     feed = build_feed(cfg, info, config["planner"])
 
     def score(split: str) -> dict[str, float]:
-        rows = ray.train.get_dataset_shard(split).iter_batches(
+        rows = config["eval"][split][rank].iter_batches(
             batch_size=t.eval_batch_size, batch_format="pyarrow"
         )
         return evaluate(state.module, spec.full_scores, rows, t.topk, device, t.amp)

@@ -1,9 +1,9 @@
 """TorchTrainer wiring: from an experiment config to a finished run, in any of the three modes.
 
-Owns ``build_trainer`` (``TorchTrainer(train_func, ScalingConfig, RunConfig, DataConfig)``) and
-``run_training`` (start Ray -> prepared data and examples -> datasets -> fit -> results), plus
-the one-line error of a failed fit. Everything it wires lives elsewhere: the datasets in
-``data/datasets.py``, Ray start-up and the resource formula in ``launch.py``, storage in
+Owns ``build_trainer`` (``TorchTrainer(train_func, ScalingConfig, RunConfig)``, the data in its
+train loop config) and ``run_training`` (start Ray -> prepared data and examples -> datasets ->
+fit -> results), plus the one-line error of a failed fit. Everything it wires lives elsewhere: the
+datasets in ``data/datasets.py``, Ray start-up and the resource formula in ``launch.py``, storage in
 ``storage.py``, the per-worker story in ``train/loop.py``.
 
 Modes: ``debug`` runs ``train_func`` in this process (Train V2 local mode, ``num_workers=0``);
@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from fearec_dist.config import ExperimentConfig
-from fearec_dist.data.datasets import build_datasets, prepare_run, start_feed, uneven_data_config
+from fearec_dist.data.datasets import build_datasets, eval_shards, prepare_run, start_feed
 from fearec_dist.launch import init_ray, worker_resources
 from fearec_dist.storage import ray_storage, storage_root
 
@@ -41,8 +41,9 @@ def build_trainer(
     name: str | None = None,
     callbacks: tuple[Any, ...] = (),
 ) -> Any:
-    """A ``TorchTrainer`` for ``cfg`` over ``datasets`` (``mode="debug"``: zero workers), with
-    the run's ``EpochPlanner`` (the training stream) in its train loop config."""
+    """A ``TorchTrainer`` for ``cfg`` (``mode="debug"``: zero workers). Its train loop config
+    carries the run's ``EpochPlanner`` (the training stream) and each rank's share of
+    ``datasets`` (``{"valid", "test"}``, from ``build_datasets``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -61,6 +62,8 @@ def build_trainer(
             "run_dir": f"{storage_root(cfg.run.storage_path)}/{name}",
             # the run's training stream (none for a trainer built without examples, to inspect)
             "planner": start_feed(cfg, info, max(1, workers), pair) if info else None,
+            # each rank's valid/test rows
+            "eval": eval_shards(datasets, max(1, workers)),
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=cfg.run.use_gpu, resources_per_worker=worker_resources(cfg)
@@ -73,8 +76,6 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             callbacks=list(callbacks),
         ),
-        datasets=datasets,
-        dataset_config=uneven_data_config(),
     )
 
 
