@@ -228,11 +228,12 @@ class PlanError(RuntimeError):
     actor call makes Ray build an exception class over a class it cannot always subclass, and
     the real message is lost behind a ``SystemError``."""
 
-    def __init__(self, epoch: int, cause: BaseException) -> None:
-        import traceback
 
-        text = "".join(traceback.format_exception(cause)).strip()
-        super().__init__(f"building epoch {epoch + 1}'s training data failed: {cause!r}\n{text}")
+def plan_error(epoch: int, cause: BaseException) -> PlanError:
+    import traceback
+
+    text = "".join(traceback.format_exception(cause)).strip()
+    return PlanError(f"building epoch {epoch + 1}'s training data failed: {cause!r}\n{text}")
 
 
 class EpochPlannerImpl:
@@ -256,7 +257,7 @@ class EpochPlannerImpl:
             ds = epoch_dataset(epoch=epoch, **self.params)
             self.plans[epoch] = plan_epoch(ds, self.world)
         except BaseException as err:  # handed to the ranks that ask for this epoch
-            self.errors[epoch] = PlanError(epoch, err)
+            self.errors[epoch] = plan_error(epoch, err)
         finally:
             self.building[epoch].set()
 

@@ -4,7 +4,8 @@
 ones, sequences, meta.json), its leave-one-out test examples, trains the model for a few
 hundred milliseconds (full-softmax CE on the training examples) and saves a checkpoint the way
 the trainer does (``<run>/checkpoint_000001/state.pt`` with model, best_model, config, data,
-progress). The Ray trainer's own layout is covered by the s3 test in ``test_batch.py``.
+progress). Exporting the Ray trainer's own run directory (on s3://) is in
+``tests/train/test_s3_run.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The batch job: its actor function on bad input (in this process), then on a real local Ray
 instance (one row per user, the same answers as the one-history path, a failed job leaves no
-output), and end to end on s3:// (moto): a run trained by the Ray trainer into a bucket,
-exported there, batch-recommended from and to the bucket."""
+output), and on s3:// (moto): an export and a prepared dataset in a bucket, batch-recommended
+from and to the bucket."""
 
 from __future__ import annotations
 
@@ -132,53 +132,26 @@ def test_batch_strict_failure_removes_the_output(ray_session, make_export, tmp_p
 
 
 @pytest.mark.slow
-def test_train_export_and_batch_on_s3(ray_session, s3_server, capsys):
-    """The Ray trainer's own run directory on s3:// -> export -> batch job, all in the bucket."""
+def test_batch_on_s3(ray_session, s3_server, make_export, capsys):
+    """An export and a prepared dataset in a bucket -> the batch job (ANN) -> top-k Parquet in
+    the bucket. (Exporting the Ray trainer's own run directory on s3:// is in
+    tests/train/test_s3_run.py.)"""
     from fearec_dist.cli import main
-    from fearec_dist.config import DataSection, load_config
-    from fearec_dist.data.prepare import prepare_dataset
-    from fearec_dist.train.trainer import run_training
 
+    run, out = make_export("sasrec", "hnsw")
     bucket = s3_server.create_bucket("serve")
-    data = DataSection(synthetic_users=90, synthetic_items=30, max_seq_len=10)
-    meta = prepare_dataset("", "synthetic", f"s3://{bucket}/prepared", data=data, progress=False)
-    cfg = load_config(
-        None,
-        [
-            "data.format=prepared",
-            f"data.path=s3://{bucket}/prepared",
-            "data.max_seq_len=10",
-            "model.name=sasrec",
-            "model.hidden_size=16",
-            "model.inner_size=32",
-            "train.epochs=1",
-            "train.batch_size=64",
-            "run.workers=1",
-            "run.cpus_per_worker=0.5",
-            f"run.storage_path=s3://{bucket}/runs",
-            "run.name=to-serve",
-        ],
-    )
-    run_training(cfg, mode="local")
-    run = f"s3://{bucket}/runs/to-serve"
-    assert main(["export", "--run", run, "--index", "hnsw"]) == 0
-    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
-    for name in ("manifest.json", "items.parquet", "encoder.pt2", "index-hnsw.faiss"):
-        assert f"runs/to-serve/export/{name}" in keys, sorted(keys)
-    body = s3_server.client().get_object(Bucket=bucket, Key="runs/to-serve/export/manifest.json")
-    manifest = json.loads(body["Body"].read())
-    assert manifest["metrics"]["test"] and manifest["encoder"]["max_abs_diff_vs_model"] < 1e-5
-
+    s3_server.upload_dir(out, bucket, "export")
+    s3_server.upload_dir(run.prepared, bucket, "prepared")
     capsys.readouterr()
     argv = [
-        *("recommend", "--export", f"{run}/export", "--input", f"s3://{bucket}/prepared"),
+        *("recommend", "--export", f"s3://{bucket}/export", "--input", f"s3://{bucket}/prepared"),
         *("--output", f"s3://{bucket}/top", "-k", "5", "--ann", "--cpus-per-actor", "0.5"),
     ]
     assert main(argv) == 0
-    assert f"for {meta['n_users']:,} users" in capsys.readouterr().out
+    assert f"for {N_USERS:,} users" in capsys.readouterr().out
     import pyarrow.fs as pafs
 
     fs = pafs.S3FileSystem(endpoint_override=s3_server.endpoint_url, region="us-east-1")
     table = pq.read_table(f"{bucket}/top", filesystem=fs)
-    assert table.num_rows == meta["n_users"] == len(set(table.column("user_id").to_pylist()))
+    assert table.num_rows == N_USERS == len(set(table.column("user_id").to_pylist()))
     assert all(len(ids) == 5 for ids in table.column("item_ids").to_pylist())

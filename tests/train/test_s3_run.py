@@ -1,7 +1,7 @@
 """Object storage end to end against moto's S3 server on 127.0.0.1: the prepared data is read
 from ``s3://``, the run directory and checkpoints are written to ``s3://`` (``storage_path``),
-and ``evaluate`` and a resumed run read them back from there. Credentials come from the
-environment only and never appear in any object the run writes."""
+and ``evaluate``, a resumed run and ``export`` read them back from there. Credentials come from
+the environment only and never appear in any object the run writes."""
 
 from __future__ import annotations
 
@@ -80,3 +80,16 @@ def test_train_evaluate_and_resume_on_s3(ray_session, s3_server, capsys):
         client.get_object(Bucket=bucket, Key="runs/on-s3/results.json")["Body"].read()
     )
     assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(results)
+
+    # the trainer's own run directory on s3 -> export, written beside it in the bucket
+    from fearec_dist.cli import main
+
+    assert main(["export", "--run", f"s3://{bucket}/runs/on-s3", "--index", "hnsw"]) == 0
+    keys = set(_keys(s3_server, bucket, "runs/on-s3/export/"))
+    for name in ("manifest.json", "items.parquet", "encoder.pt2", "index-hnsw.faiss"):
+        assert f"runs/on-s3/export/{name}" in keys, sorted(keys)
+    manifest = json.loads(
+        client.get_object(Bucket=bucket, Key="runs/on-s3/export/manifest.json")["Body"].read()
+    )
+    assert manifest["metrics"]["test"] == pytest.approx(second["test"], abs=1e-9)
+    assert manifest["encoder"]["max_abs_diff_vs_model"] < 1e-5
