@@ -91,5 +91,6 @@ def test_train_evaluate_and_resume_on_s3(ray_session, s3_server, capsys):
     manifest = json.loads(
         client.get_object(Bucket=bucket, Key="runs/on-s3/export/manifest.json")["Body"].read()
     )
-    assert manifest["metrics"]["test"] == pytest.approx(second["test"], abs=1e-9)
+    expected = {f"test/{k}": v for k, v in second["test"].items()}
+    assert manifest["metrics"]["test"] == pytest.approx(expected, abs=1e-9)
     assert manifest["encoder"]["max_abs_diff_vs_model"] < 1e-5
