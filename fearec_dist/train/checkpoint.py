@@ -146,9 +146,14 @@ class TrainState:
         }
 
     def restore_from(self, checkpoint: Any, rank: int, device: torch.device) -> None:
-        """Restores from a ``ray.train.Checkpoint`` (rank 0 says so on the console)."""
-        with checkpoint.as_directory() as d:
-            self.restore(load_state(d, map_location=device), rank)
+        """Restores from a ``ray.train.Checkpoint`` (rank 0 says so on the console).
+
+        Each rank reads its own copy of the state file through the checkpoint's filesystem.
+        ``Checkpoint.as_directory()`` shares one temporary download per node, and a rank that
+        takes the download lock after another rank's download has finished downloads again
+        over the files that rank is still reading (seen with 2 ranks on s3: "PytorchStreamReader
+        failed reading file")."""
+        self.restore(load_checkpoint_state(checkpoint, device), rank)
         if rank == 0:
             from fearec_dist.train.console import say
 
@@ -178,6 +183,19 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
     if not path.exists():
         raise FileNotFoundError(f"{path}: no {STATE_FILE} in this checkpoint directory")
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_checkpoint_state(checkpoint: Any, map_location: Any = "cpu") -> dict[str, Any]:
+    """The state of a ``ray.train.Checkpoint``, read into this process (local or remote)."""
+    import io
+
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        return load_state(checkpoint.path, map_location)
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:
+        data = io.BytesIO(f.read())
+    return torch.load(data, map_location=map_location, weights_only=True)
 
 
 def load_state_uri(uri: str, storage: Any = None) -> dict[str, Any]:

@@ -108,6 +108,14 @@ def registered_step_in_epoch_2(run_dir: Path) -> bool:
     )
 
 
+def registered_latest_step(run_dir: Path) -> int:
+    """The step inside its epoch of the checkpoint Ray Train restores from (its snapshot's
+    latest registered result): a newer step checkpoint on disk that Ray had not registered
+    before the kill is not it."""
+    snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    return int(snap["latest_checkpoint_result"]["metrics"].get("step_in_epoch") or 0)
+
+
 class KillInEpoch2:
     """A watcher thread: once Ray has registered a step checkpoint inside epoch 2,
     it sends SIGKILL to one of the run's train workers, found through this Ray instance's State
@@ -160,8 +168,9 @@ def test_cut_mid_epoch_and_resumed_equals_uncut(ray_session, storage, uncut):
         run_training(load_config(None, [*overrides(storage, "cut"), "run.max_failures=0"]))
     watcher.check()
     progress = newest_progress(storage / "cut")
-    steps = progress["partial"]["steps"]
-    assert progress["epoch"] == 1 and steps and steps % STEPS_PER_CHECKPOINT == 0, progress
+    assert progress["epoch"] == 1 and progress["partial"]["steps"], progress  # cut in epoch 2
+    steps = registered_latest_step(storage / "cut")  # where Ray Train will restart from
+    assert 0 < steps <= progress["partial"]["steps"] and steps % STEPS_PER_CHECKPOINT == 0
     assert [int(r["epoch"]) for r in metrics_rows(storage / "cut")] == [1]  # no step rows
     resumed = run_training(load_config(None, overrides(storage, "cut")), mode="local")
     assert resumed["epochs_run"] == EPOCHS
