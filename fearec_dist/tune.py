@@ -104,25 +104,30 @@ def to_param_space(space: dict[str, Any]) -> dict[str, Any]:
     return _apply({}, flat)
 
 
-def train_driver_fn(config: dict[str, Any]) -> None:
-    """One trial: a full trainer run whose per-epoch reports reach Tune (and ASHA)."""
+def eval_key(cfg: ExperimentConfig) -> tuple[Any, ...]:
+    """What the valid/test rows of a run depend on beyond the (shared) examples."""
+    return (cfg.train.evaluate, cfg.train.valid_users, cfg.train.seed)
+
+
+def train_driver_fn(config: dict[str, Any], evals: dict[str, Any] | None = None) -> None:
+    """One trial: a full trainer run whose per-epoch reports reach Tune (and ASHA). ``evals``:
+    the sweep's valid/test rows, read once for every trial (a trial whose space changes what
+    they depend on, ``eval_key``, reads its own)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from fearec_dist.data.datasets import build_datasets
     from fearec_dist.train.trainer import build_trainer
 
+    base = ExperimentConfig.from_dict(config["base"], "sweep config")
     cfg = ExperimentConfig.from_dict(deep_merge(config["base"], config["params"]), "trial config")
     info = config["examples"]
+    if evals is None or eval_key(cfg) != eval_key(base):
+        evals = build_datasets(cfg, info)
     # No timestamp in the name: restoring the sweep must find the same run directory.
     name = f"{config['sweep_name']}-{tune.get_context().get_trial_id()}"
     trainer = build_trainer(
-        cfg,
-        build_datasets(cfg, info),
-        info,
-        mode="cluster",
-        name=name,
-        callbacks=(TuneReportCallback(),),
+        cfg, evals, info, mode="cluster", name=name, callbacks=(TuneReportCallback(),)
     )
     trainer.fit()  # code after this does not run when ASHA stops the trial
 
@@ -133,7 +138,7 @@ def run_sweep(cfg: ExperimentConfig, space_path: str | Path, mode: str = "local"
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from fearec_dist.data.datasets import prepare_run
+    from fearec_dist.data.datasets import build_datasets, prepare_run
     from fearec_dist.launch import init_ray, max_concurrent_runs
     from fearec_dist.storage import ray_storage, storage_root
 
@@ -148,7 +153,9 @@ def run_sweep(cfg: ExperimentConfig, space_path: str | Path, mode: str = "local"
         cfg.run.storage_path = f"{root}/{name}/runs"
         cfg.train.epochs = cfg.tune.max_t
         _, info = prepare_run(cfg)
-        trainable = tune.with_resources(train_driver_fn, {"CPU": cfg.tune.driver_cpus})
+        # the valid/test rows, read once for all trials (they stay in the object store)
+        trainable = tune.with_parameters(train_driver_fn, evals=build_datasets(cfg, info))
+        trainable = tune.with_resources(trainable, {"CPU": cfg.tune.driver_cpus})
         concurrent = max_concurrent_runs(cfg, ray.cluster_resources())
         path = f"{root}/{name}"
         # the storage layer's filesystem: the endpoint may be given only in the config
