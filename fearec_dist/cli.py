@@ -3,7 +3,7 @@
 fearec-dist prepare --input URI --format {parquet,csv,atomic,seqtxt,synthetic} --output URI
 fearec-dist train --config F [--set section.key=value ...] [--local | --debug] [--workers N]
 fearec-dist tune --config F --space F [--local]
-fearec-dist evaluate --checkpoint URI
+fearec-dist evaluate (--checkpoint URI | --baseline popularity --data URI) [--users N]
 fearec-dist export --run DIR|URI [--output URI] [--index flat|ivf|hnsw]
 fearec-dist recommend --export DIR|URI (--history "raw ids" | --input URI --output URI) [-k K]
 fearec-dist submit CONFIG [--tune SPACE] [--address URL]   (ray job submit on a cluster)
@@ -25,6 +25,9 @@ from fearec_dist.train.trainer import TrainingFailed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo.yaml"
+# train/evaluate.py's BASELINES and BASELINE_SEED, here without importing torch (tests compare)
+BASELINES = ("popularity",)
+BASELINE_SEED = 2026
 
 EPILOG = """\
 examples:
@@ -32,7 +35,8 @@ examples:
   fearec-dist prepare --input data/Beauty.txt --format seqtxt --output prepared/beauty
   fearec-dist train --config jobs/configs/beauty.yaml --local --workers 2 --set train.lr=5e-4
   fearec-dist tune --config jobs/configs/beauty.yaml --space jobs/spaces/fearec.yaml --local
-  fearec-dist evaluate --checkpoint runs/<name>/checkpoint_000004
+  fearec-dist evaluate --checkpoint runs/<name>/checkpoint_000004 --users 10000
+  fearec-dist evaluate --baseline popularity --data prepared/beauty --users 10000
 
 Config precedence: defaults < YAML file < --set overrides. An unknown key is an error naming it.
 S3 credentials come from the standard AWS environment variables or the instance role only.
@@ -103,11 +107,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", required=True, help="search space YAML (dotted keys)")
     p.add_argument("--local", action="store_true", help="start a Ray instance on this machine")
 
-    p = sub.add_parser("evaluate", help="re-score a saved checkpoint on valid and test")
-    p.add_argument(
+    p = sub.add_parser(
+        "evaluate",
+        help="score a saved checkpoint, or a baseline, on valid and test",
+        description="Full-ranking HR/NDCG/MRR on the valid and test rows (both protocols: history "
+        "kept, and history masked), in this process without Ray. Two modes: --checkpoint "
+        "re-scores a saved model on the dataset it was trained on; --baseline popularity --data "
+        "ranks every item by its count in the training part of each sequence (valid and test "
+        "targets never counted). --users N scores the same fixed seeded sample of N users in "
+        "both modes, so a model and the baseline compare on the same users.",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
         "--checkpoint",
-        required=True,
+        metavar="URI",
         help="checkpoint directory, or a run directory (its newest checkpoint); path or URI",
+    )
+    what.add_argument(
+        "--baseline", choices=BASELINES, help="score a baseline instead of a model (needs --data)"
+    )
+    p.add_argument(
+        "--data", metavar="URI", help="--baseline: the prepared dataset (fearec-dist prepare)"
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        metavar="L",
+        help="--baseline: history length L of the rows (default 50; a checkpoint uses its own)",
+    )
+    p.add_argument(
+        "--users",
+        type=int,
+        default=0,
+        metavar="N",
+        help="score only a fixed seeded sample of N users, on valid and test (0: every user)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        metavar="S",
+        help="seed of the --users sample (default: the run's train.seed for a checkpoint, "
+        f"{BASELINE_SEED} for a baseline)",
     )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
@@ -189,13 +229,34 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fearec_dist.train.evaluate import evaluate_checkpoint
+    from fearec_dist.train.evaluate import (
+        describe_users,
+        evaluate_checkpoint,
+        evaluate_popularity,
+    )
 
-    results = evaluate_checkpoint(args.checkpoint)
+    if args.users < 0:
+        raise ValueError(f"--users: must be >= 0, got {args.users}")
+    if args.baseline:
+        if not args.data:
+            raise ValueError(f"--baseline {args.baseline} needs --data PREPARED_URI")
+        max_seq_len = 50 if args.max_seq_len is None else args.max_seq_len
+        if max_seq_len < 1:
+            raise ValueError(f"--max-seq-len: must be >= 1, got {max_seq_len}")
+        seed = BASELINE_SEED if args.seed is None else args.seed
+        results = evaluate_popularity(args.data, max_seq_len, users=args.users, seed=seed)
+    else:
+        for flag, value in (("--data", args.data), ("--max-seq-len", args.max_seq_len)):
+            if value is not None:
+                raise ValueError(f"{flag} is for --baseline; a checkpoint uses its run's own")
+        results = evaluate_checkpoint(args.checkpoint, users=args.users, seed=args.seed)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
+        if args.baseline:
+            print(f"baseline {args.baseline} on {args.data} (training counts)")
         _print_results(results)
+        print(describe_users(results["users"]))
     return 0
 
 

@@ -102,6 +102,16 @@ class TrainSection:
     stage: str = "train"  # S3Rec: pretrain | finetune; others: train
     pretrained: str | None = None  # checkpoint URI to start from (S3Rec finetune)
     allow_scratch: bool = False  # finetune without a pretrained checkpoint only if asked
+    # the next-item softmax (large catalogues: README "Large catalogues")
+    softmax: str = "full"  # full (the reference) | sampled: the target against shared candidates
+    n_negatives: int = 1024  # sampled: items drawn per step from negative_sampler, shared by ranks
+    negative_sampler: str = "uniform"  # uniform | popularity (training-target count ** alpha)
+    negative_alpha: float = 1.0  # popularity sampler exponent
+    in_batch_negatives: bool = True  # sampled: the global batch's targets are candidates too
+    logq_correction: bool = True  # sampled: logit - log(expected count as a candidate)
+    softmax_temperature: float = 1.0  # sampled: logits / T
+    sparse_item_updates: bool = False  # row-sparse item-table gradients + lazy (sparse) Adam
+    eval_item_chunk: int = 65536  # items scored at a time in evaluation (memory: batch x chunk)
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "prefetch_blocks"):
@@ -121,6 +131,7 @@ class TrainSection:
             raise ConfigError(f"train.patience: must be >= 0, got {self.patience}")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ConfigError(f"train.amp: {self.amp!r} is not one of auto, off, bf16, fp16")
+        self.check_softmax()
         if self.stage not in ("train", "pretrain", "finetune"):
             raise ConfigError(f"train.stage: {self.stage!r} is not train, pretrain or finetune")
         base = self.valid_metric.removeprefix("masked_")
@@ -132,6 +143,33 @@ class TrainSection:
             )
         if int(k) not in self.topk:
             self.topk = sorted({*self.topk, int(k)})
+
+    def check_softmax(self) -> None:
+        if self.softmax not in ("full", "sampled"):
+            raise ConfigError(f"train.softmax: {self.softmax!r} is not one of full, sampled")
+        if self.negative_sampler not in ("uniform", "popularity"):
+            raise ConfigError(
+                f"train.negative_sampler: {self.negative_sampler!r} is not one of uniform, "
+                "popularity"
+            )
+        if self.n_negatives < 1:
+            raise ConfigError(f"train.n_negatives: must be >= 1, got {self.n_negatives}")
+        if self.softmax_temperature <= 0:
+            raise ConfigError(
+                f"train.softmax_temperature: must be > 0, got {self.softmax_temperature}"
+            )
+        if self.eval_item_chunk < 1:
+            raise ConfigError(f"train.eval_item_chunk: must be >= 1, got {self.eval_item_chunk}")
+        if self.sparse_item_updates and self.stage == "pretrain":
+            raise ConfigError(
+                "train.sparse_item_updates: not for train.stage: pretrain (S3Rec's pretraining "
+                "objectives score the whole table)"
+            )
+        if self.sparse_item_updates and self.softmax != "sampled":
+            raise ConfigError(
+                "train.sparse_item_updates: needs train.softmax: sampled (the full softmax "
+                "touches every item row, so its gradient is dense)"
+            )
 
 
 @dataclass

@@ -51,3 +51,43 @@ def test_prepare_bad_input_exits_nonzero_naming_the_file(tmp_path, capsys):
     )
     assert code == 1
     assert "log.csv" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--baseline", "random", "--data", "d"], 2, "invalid choice: 'random'"),
+        (["--baseline", "popularity", "--checkpoint", "c"], 2, "not allowed with"),
+        ([], 2, "one of the arguments --checkpoint --baseline is required"),
+        (["--baseline", "popularity"], 1, "--baseline popularity needs --data"),
+        (["--checkpoint", "c", "--data", "d"], 1, "--data is for --baseline"),
+        (["--checkpoint", "c", "--max-seq-len", "20"], 1, "--max-seq-len is for --baseline"),
+        (["--baseline", "popularity", "--data", "d", "--users", "-1"], 1, "--users"),
+    ],
+)
+def test_evaluate_argument_errors(args, code, message, capsys):
+    if code == 2:  # argparse's own errors
+        with pytest.raises(SystemExit) as exit_info:
+            main(["evaluate", *args])
+        assert exit_info.value.code == 2
+    else:
+        assert main(["evaluate", *args]) == code
+    assert message in capsys.readouterr().err
+
+
+def test_evaluate_baseline_popularity_prints_the_table_and_json(tmp_path, capsys):
+    """No Ray: the rows and the counts are read with pyarrow in this process."""
+    import json
+
+    from tests.train.test_eval_chunks import HAND, write_prepared
+
+    uri = write_prepared(tmp_path / "prep", HAND, n_items=6)
+    assert main(["evaluate", "--baseline", "popularity", "--data", uri, "--users", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "hr@10" in out and "test" in out and "baseline popularity" in out
+    assert "users: a seeded sample of 3 of 4 (seed 2026)" in out
+    assert main(["evaluate", "--baseline", "popularity", "--data", uri, "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["baseline"] == "popularity" and results["test"]["hr@5"] == 1.0
+    assert results["users"] == {"scored": 4, "of": 4, "seed": None}
+    assert (results["n_valid"], results["n_test"]) == (2, 3)

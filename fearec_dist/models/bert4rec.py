@@ -204,7 +204,7 @@ class BERT4Rec(SequentialBase):
 
 
 def loss_terms(
-    model: BERT4Rec, batch: dict[str, torch.Tensor], gather=None, forward=None
+    model: BERT4Rec, batch: dict[str, torch.Tensor], gather=None, forward=None, softmax=None
 ) -> dict[str, torch.Tensor]:
     """Masked-item CE (baselines.md, BERT4Rec). ``gather`` is unused; ``target`` is not read.
 
@@ -220,10 +220,17 @@ def loss_terms(
         batch["item_seq"], batch["seq_len"], model.mask_id, c.mask_ratio, c.ft_ratio, model.n_slots
     )
     out = (forward or model)(masked, batch["seq_len"], index)  # (B, K, D)
-    logits = at_least_float32(model.item_scores(out))  # (B, K, V)
-    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")  # (B·K,)
-    valid = (labels > 0) if c.train_position_zero else (index > 0)
-    valid = valid.flatten().to(ce.dtype)
+    valid = ((labels > 0) if c.train_position_zero else (index > 0)).flatten()  # (B·K,)
+    if softmax is None:
+        logits = at_least_float32(model.item_scores(out))  # (B, K, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    else:  # the labelled slots' items are the in-batch candidates
+        emb, flat = model.item_embedding, labels.flatten()
+        ce = softmax.loss(
+            out.flatten(0, 1), flat, emb.weight, model.output_bias, sparse=emb.sparse,
+            reduction="none", valid=valid & (flat > 0),
+        )  # fmt: skip
+    valid = valid.to(ce.dtype)
     denom = valid.sum().clamp(min=1.0) if c.guard_empty_batch else valid.sum()
     loss = (ce * valid).sum() / denom
     return {"loss": loss, "ce": loss.detach()}

@@ -41,7 +41,8 @@ from fearec_dist.models.layers import (
     causal_padding_mask,
     gather_last,
 )
-from fearec_dist.models.losses import Candidates, ce_loss, freq_distance
+from fearec_dist.models.losses import Candidates, freq_distance
+from fearec_dist.models.softmax import next_item_ce
 from fearec_dist.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ FREQ_PAIRS = {  # fredom_type -> pairs (§5.4)
 
 
 def loss_terms(
-    model: FEARec, batch: dict[str, torch.Tensor], gather=None, forward=None
+    model: FEARec, batch: dict[str, torch.Tensor], gather=None, forward=None, softmax=None
 ) -> dict[str, torch.Tensor]:
     """L = ce + lmd·nce + lmd_sem·nce_sem + 0.1·freq for the config's ``contrast`` (§5.3-5.5).
 
@@ -243,7 +244,7 @@ def loss_terms(
     lens = torch.cat([batch[sources[name][1]] for name in names])
     stacked = forward(seqs, lens, n_views=len(names)) if len(names) > 1 else forward(seqs, lens)
     views = dict(zip(names, stacked.chunk(len(names))))  # each (B, D)
-    terms = {"ce": ce_loss(model.item_scores(views["u"]), batch["target"])}
+    terms = {"ce": next_item_ce(model, views["u"], batch["target"], softmax)}
     if pairs:
         cands = Candidates({name: views[name] for name in sorted(used)}, c.sim, gather)
         for term, (a, b) in pairs.items():

@@ -32,7 +32,7 @@ from fearec_dist.models.layers import (
     dropout,
     gather_last,
 )
-from fearec_dist.models.losses import ce_loss
+from fearec_dist.models.softmax import next_item_ce
 from fearec_dist.models.spec import ModelSpec
 
 
@@ -169,7 +169,7 @@ class LightSANs(SequentialBase):
 
 
 def loss_terms(
-    model: LightSANs, batch: dict[str, torch.Tensor], gather=None, forward=None
+    model: LightSANs, batch: dict[str, torch.Tensor], gather=None, forward=None, softmax=None
 ) -> dict[str, torch.Tensor]:
     """Full-softmax CE over all V rows (§3). ``gather`` is unused (no contrastive term).
 
@@ -181,7 +181,7 @@ def loss_terms(
         ``{"loss": ce, "ce": ce.detach()}``, the mean over this worker's rows.
     """
     seq_repr = (forward or model)(batch["item_seq"], batch["seq_len"])  # (B, D)
-    ce = ce_loss(model.item_scores(seq_repr), batch["target"])
+    ce = next_item_ce(model, seq_repr, batch["target"], softmax)
     return {"loss": ce, "ce": ce.detach()}
 
 

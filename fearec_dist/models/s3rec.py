@@ -44,7 +44,7 @@ from fearec_dist.models.layers import (
     gather_last,
     padding_mask,
 )
-from fearec_dist.models.losses import ce_loss
+from fearec_dist.models.softmax import next_item_ce
 from fearec_dist.models.spec import ModelSpec
 
 HEADS = ("aap_norm", "mip_norm", "map_norm", "sp_norm")
@@ -270,7 +270,7 @@ def pretrain_objectives(
 
 
 def pretrain_loss_terms(
-    model: S3Rec, batch: dict[str, torch.Tensor], gather=None, forward=None
+    model: S3Rec, batch: dict[str, torch.Tensor], gather=None, forward=None, softmax=None
 ) -> dict[str, torch.Tensor]:
     """L_pre = aap_weight·AAP + mip_weight·MIP + map_weight·MAP + sp_weight·SP (§4).
 
@@ -299,7 +299,7 @@ def pretrain_loss_terms(
 
 
 def loss_terms(
-    model: S3Rec, batch: dict[str, torch.Tensor], gather=None, forward=None
+    model: S3Rec, batch: dict[str, torch.Tensor], gather=None, forward=None, softmax=None
 ) -> dict[str, torch.Tensor]:
     """Finetune: CE over all V' rows, the mask row included as in RecBole (§5).
 
@@ -312,7 +312,7 @@ def loss_terms(
         ``{"loss": ce, "ce": ce.detach()}``, the mean over this worker's rows.
     """
     seq_repr = (forward or model)(batch["item_seq"], batch["seq_len"])  # (B, D)
-    ce = ce_loss(model.item_scores(seq_repr), batch["target"])
+    ce = next_item_ce(model, seq_repr, batch["target"], softmax)
     # the feature embedding and the four heads take no part in finetuning, but DDP (built
     # without find_unused_parameters) needs every parameter in the graph: add them with weight 0
     idle = [p.sum() for n, p in model.named_parameters() if n.split(".")[0] in IDLE_IN_FINETUNE]

@@ -20,7 +20,7 @@ from fearec_dist.models.layers import (
     causal_padding_mask,
     gather_last,
 )
-from fearec_dist.models.losses import ce_loss
+from fearec_dist.models.softmax import next_item_ce
 from fearec_dist.models.spec import ModelSpec
 
 
@@ -54,7 +54,7 @@ class SASRec(SequentialBase):
 
 
 def loss_terms(
-    model: SASRec, batch: dict[str, torch.Tensor], gather=None, forward=None
+    model: SASRec, batch: dict[str, torch.Tensor], gather=None, forward=None, softmax=None
 ) -> dict[str, torch.Tensor]:
     """Full-softmax CE (baselines.md). ``gather`` is unused (no contrastive term).
 
@@ -66,7 +66,7 @@ def loss_terms(
         ``{"loss": ce, "ce": ce}``, the mean over this worker's rows.
     """
     seq_repr = (forward or model)(batch["item_seq"], batch["seq_len"])  # (B, D)
-    ce = ce_loss(model.item_scores(seq_repr), batch["target"])
+    ce = next_item_ce(model, seq_repr, batch["target"], softmax)
     return {"loss": ce, "ce": ce}
 
 

@@ -38,6 +38,7 @@ import torch
 
 from fearec_dist.config import ExperimentConfig
 from fearec_dist.models.spec import ModelSpec
+from fearec_dist.train.distributed import SPARSE_TABLE
 from fearec_dist.train.progress import Progress
 
 STATE_FILE = "state.pt"
@@ -104,16 +105,60 @@ def restore_rng_state(saved: list[dict[str, Any]], rank: int) -> bool:
     return True
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> Any:
-    """Adam (spec §9); weight decay, when asked for, only on matrices (nanoGPT's grouping)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, sparse_items: bool = False
+) -> Any:
+    """Adam (spec §9); weight decay, when asked for, only on matrices (nanoGPT's grouping).
+
+    ``sparse_items`` (``train.sparse_item_updates``): the item table gets ``SparseAdam`` (lazy
+    Adam: only the rows a step touched move, and their moments; no weight decay) and every other
+    parameter the optimizer above, both behind one ``SplitOptimizer``.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    table = [p for n, p in named if sparse_items and n == SPARSE_TABLE]
+    params = [p for n, p in named if not (sparse_items and n == SPARSE_TABLE)]
     if weight_decay == 0:
-        return torch.optim.Adam(params, lr=lr)
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr)
+        dense: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr)
+    else:
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        dense = torch.optim.AdamW(groups, lr=lr)
+    if not table:
+        return dense
+    return SplitOptimizer(dense, torch.optim.SparseAdam(table, lr=lr))
+
+
+class SplitOptimizer:
+    """The dense optimizer and the item table's ``SparseAdam``, stepped and saved together."""
+
+    def __init__(self, dense: torch.optim.Optimizer, sparse: torch.optim.Optimizer) -> None:
+        self.dense, self.sparse = dense, sparse
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.dense.param_groups + self.sparse.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.dense.zero_grad(set_to_none=set_to_none)
+        self.sparse.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.dense.step()
+        self.sparse.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dense": self.dense.state_dict(), "sparse": self.sparse.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"dense", "sparse"}:
+            raise ValueError(
+                "the checkpoint's optimizer was saved without train.sparse_item_updates: "
+                "resume with the setting it was trained with"
+            )
+        self.dense.load_state_dict(state["dense"])
+        self.sparse.load_state_dict(state["sparse"])
 
 
 @dataclass
@@ -270,8 +315,11 @@ def build_train_state(
     optimizer and an empty progress."""
     from fearec_dist.train.stages import build_run_model, start_from_pretrained
 
+    t = cfg.train
     module = build_run_model(spec, cfg, info).to(device)
-    if cfg.train.stage == "finetune" and fresh:
+    if t.stage == "finetune" and fresh:
         start_from_pretrained(spec, module, cfg)
-    optimizer = build_optimizer(module, cfg.train.lr, cfg.train.weight_decay)
+    if t.sparse_item_updates:  # row-sparse gradients of the item table (lookups and candidates)
+        module.item_embedding.sparse = True
+    optimizer = build_optimizer(module, t.lr, t.weight_decay, t.sparse_item_updates)
     return TrainState(module, optimizer, Progress())

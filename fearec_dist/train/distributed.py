@@ -36,6 +36,14 @@ def _all_gather_equal(x: torch.Tensor) -> list[torch.Tensor]:
     return list(all_gather(x.contiguous()))
 
 
+def _row_counts(x: torch.Tensor) -> list[int]:
+    """Every rank's ``x.shape[0]``, in rank order."""
+    n_local = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    sizes = [torch.zeros_like(n_local) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n_local)
+    return [int(s) for s in sizes]
+
+
 def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Concatenates every rank's ``x`` (rank order) with gradient flowing back to each rank.
 
@@ -49,11 +57,7 @@ def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    rank = dist.get_rank()
-    n_local = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-    sizes = [torch.zeros_like(n_local) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n_local)
-    counts = [int(s) for s in sizes]
+    rank, counts = dist.get_rank(), _row_counts(x)
     longest = max(counts)
     if longest != x.shape[0]:
         pad = x.new_zeros((longest - x.shape[0], *x.shape[1:]))
@@ -61,6 +65,66 @@ def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     parts = _all_gather_equal(x)
     rows = torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
     return rows, sum(counts[:rank])
+
+
+def _world() -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
+def _all_gather_ragged(x: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``x`` (first dimensions may differ; no gradient), in rank order."""
+    counts = _row_counts(x)
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return [p[:c] for p, c in zip(parts, counts)]
+
+
+def all_gather_ids(ids: torch.Tensor) -> torch.Tensor:
+    """(n_w,) ids of every rank concatenated in rank order (the sampled softmax's in-batch
+    candidates: ids only, each rank looks them up in its own replica of the item table)."""
+    if _world() == 1:
+        return ids
+    return torch.cat(_all_gather_ragged(ids))
+
+
+def build_gather_ids(enabled: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The in-batch candidates' id gather: None when off or in one process."""
+    return all_gather_ids if enabled and _world() > 1 else None
+
+
+SPARSE_TABLE = "item_embedding.weight"  # the parameter sparse item updates apply to
+
+
+def average_sparse_grad(param: torch.nn.Parameter) -> None:
+    """In place: ``param.grad`` (row-sparse) becomes the mean of every rank's, like DDP's average.
+
+    Only the touched rows travel: each rank's coalesced (row ids, rows) are all-gathered and
+    summed (rows touched on several ranks add up), then divided by the world size. Works on gloo
+    and NCCL (all_gather only; NCCL has no sparse all-reduce).
+    """
+    world = _world()
+    if world == 1 or param.grad is None:
+        return
+    grad = param.grad.coalesce()
+    rows = _all_gather_ragged(grad.indices()[0])
+    values = _all_gather_ragged(grad.values())
+    total = torch.sparse_coo_tensor(
+        torch.cat(rows)[None, :], torch.cat(values) / world, grad.shape
+    ).coalesce()
+    param.grad = total
+
+
+def keep_table_out_of_ddp(module: torch.nn.Module) -> None:
+    """Before DDP wraps ``module``: rank 0's item table to every rank (what DDP's start-up
+    broadcast would do) and the table on DDP's ignore list (``average_sparse_grad`` syncs it)."""
+    table = dict(module.named_parameters())[SPARSE_TABLE]
+    dist.broadcast(table.data, src=0)
+    DDP = torch.nn.parallel.DistributedDataParallel
+    DDP._set_params_and_buffers_to_ignore_for_model(module, [SPARSE_TABLE])
 
 
 def build_gather(enabled: bool) -> Gather | None:
@@ -72,15 +136,19 @@ def build_gather(enabled: bool) -> Gather | None:
     return all_gather_with_grad
 
 
-def wrap_ddp(module: torch.nn.Module, world: int) -> torch.nn.Module:
+def wrap_ddp(module: torch.nn.Module, world: int, sparse_items: bool = False) -> torch.nn.Module:
     """Ray Train's DDP wrapper around ``module`` for ``world > 1`` (else ``module`` itself).
 
     No buffer broadcast: FEARec's band masks are constant buffers, and evaluation runs on the
     bare module (ranks may score unequal batch counts, which a DDP forward would not survive).
+    With ``sparse_items`` the item table is left out of DDP (its row-sparse gradient goes through
+    ``average_sparse_grad``): rank 0's table is broadcast here, as DDP does for the rest.
     """
     if world == 1:
         return module
     import ray.train.torch
 
+    if sparse_items:
+        keep_table_out_of_ddp(module)
     kwargs = {"broadcast_buffers": False}
     return ray.train.torch.prepare_model(module, parallel_strategy_kwargs=kwargs)

@@ -28,11 +28,12 @@ from fearec_dist.data.feed import TrainFeed
 from fearec_dist.train import checkpoint as ckpt
 from fearec_dist.train.console import print_epoch, print_start, quiet_ray_train_console, say
 from fearec_dist.train.device import autocast_for, device_for, to_device
-from fearec_dist.train.distributed import build_gather, wrap_ddp
+from fearec_dist.train.distributed import average_sparse_grad, build_gather, wrap_ddp
 from fearec_dist.train.evaluate import evaluate
 from fearec_dist.train.faults import kill_if_asked
 from fearec_dist.train.progress import epoch_row, prefixed
 from fearec_dist.train.report import Reporter
+from fearec_dist.train.stages import build_softmax
 
 
 def train_one_epoch(
@@ -47,6 +48,8 @@ def train_one_epoch(
     gather: Any,
     partial: dict[str, Any] | None = None,
     on_step: Any = None,
+    softmax: Any = None,
+    sparse_table: torch.nn.Parameter | None = None,
 ) -> dict[str, float]:
     """One pass over this worker's batches; returns mean loss terms, samples and timings.
 
@@ -54,7 +57,10 @@ def train_one_epoch(
     loss reads its attributes from; without DDP both are the same module. ``partial`` resumes
     the epoch mid-way (its ``steps`` done, loss ``sums``, ``samples``, ``seconds``): the feed
     replays those batches without training on them. ``on_step(partial)`` runs after every step
-    but the last (step checkpoints).
+    but the last (step checkpoints). ``softmax`` (a ``SampledSoftmax``, or None for the full
+    softmax) draws each step's shared negatives from (seed, epoch, step), so a resumed epoch
+    draws the same ones; ``sparse_table`` is the item table whose row-sparse gradient is
+    averaged over the ranks before the step (``train.sparse_item_updates``).
     """
     model.train()
     partial = partial or {}
@@ -65,10 +71,13 @@ def train_one_epoch(
     for batch_np in feed.epoch(epoch, skip=steps):
         kill_if_asked(epoch, steps, feed.rank)
         batch = to_device(batch_np, device)
+        candidates = softmax.at_step(epoch, steps) if softmax is not None else None
         with autocast_for(device, amp):
-            terms = loss_terms(module, batch, gather=gather, forward=model)
+            terms = loss_terms(module, batch, gather=gather, forward=model, softmax=candidates)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
+        if sparse_table is not None:
+            average_sparse_grad(sparse_table)
         optimizer.step()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
@@ -159,11 +168,13 @@ def train_func(config: dict[str, Any]) -> None:
     spec, restored = get_spec(cfg.model.name), ray.train.get_checkpoint()
     state = ckpt.build_train_state(spec, cfg, info, device, fresh=restored is None)
     loss_fn, gather = spec.stage_loss(t.stage), build_gather(t.gather_negatives)
+    softmax = build_softmax(cfg, info, device)  # None: the full softmax
 
     # [2] restore: weights, optimizer, progress and this rank's own RNG states
     if restored is not None:
         state.restore_from(restored, rank, device)
-    model = wrap_ddp(state.module, world)  # the forward that syncs gradients
+    model = wrap_ddp(state.module, world, t.sparse_item_updates)  # syncs gradients
+    table = state.module.item_embedding.weight if t.sparse_item_updates else None
 
     # [3] shards: the training feed, and the evaluation rows scored on the bare module
     feed = build_feed(cfg, info, config["planner"])
@@ -172,7 +183,9 @@ def train_func(config: dict[str, Any]) -> None:
         rows = config["eval"][split][rank].iter_batches(
             batch_size=t.eval_batch_size, batch_format="pyarrow"
         )
-        return evaluate(state.module, spec.full_scores, rows, t.topk, device, t.amp)
+        return evaluate(
+            state.module, spec, rows, t.topk, device, t.amp, item_chunk=t.eval_item_chunk
+        )
 
     if rank == 0 and state.progress.epoch == 0:
         print_start(cfg, state.module, world, feed.steps, gather is not None, device, threads,
@@ -188,8 +201,10 @@ def train_func(config: dict[str, Any]) -> None:
 
     for epoch in range(state.progress.epoch, t.epochs):
         partial, state.progress.partial = state.progress.partial, {}
-        stats = train_one_epoch(model, state.module, loss_fn, feed, epoch, state.optimizer,
-                                device, t.amp, gather, partial, on_step)  # fmt: skip
+        stats = train_one_epoch(
+            model, state.module, loss_fn, feed, epoch, state.optimizer, device, t.amp, gather,
+            partial, on_step, softmax, table,
+        )  # fmt: skip
         row = epoch_row(epoch + 1, stats, world)
         if partial:  # this epoch resumed from a step checkpoint: say where, in metrics.csv
             row["resumed_at_step"] = partial["steps"]

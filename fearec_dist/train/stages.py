@@ -68,3 +68,19 @@ def start_from_pretrained(spec: ModelSpec, model: torch.nn.Module, cfg: Experime
             "train.pretrained, or set train.allow_scratch=true to finetune from scratch."
         )
     say("[fearec-dist] finetuning from scratch (train.allow_scratch=true)")
+
+
+def build_softmax(cfg: ExperimentConfig, info: dict[str, Any], device: torch.device) -> Any:
+    """The run's sampled softmax (``train.softmax: sampled``), or None for the full one. Its
+    popularity counts are the training targets' (the examples' ``item_counts``), so no valid or
+    test target reaches the sampler or the logQ correction."""
+    t = cfg.train
+    if t.softmax != "sampled" or t.stage == "pretrain":
+        return None
+    from fearec_dist.data.examples import read_item_counts
+    from fearec_dist.models.softmax import SampledSoftmax
+    from fearec_dist.train.distributed import build_gather_ids
+
+    counts = read_item_counts(info, cfg.storage)
+    gather_ids = build_gather_ids(t.gather_negatives)
+    return SampledSoftmax(t, info["n_items"], counts, device, gather_ids)
