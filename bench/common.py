@@ -8,6 +8,23 @@ import time
 import psutil
 
 
+def pss_breakdown(pid: int) -> dict[str, int]:
+    """Bytes of a process's PSS by kind (``/proc/PID/smaps_rollup``): anonymous (heap, tensors,
+    Arrow buffers), file-backed (libraries, mmapped files) and shared memory (Ray's object
+    store pages the process mapped); {} where the kernel has no rollup."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        if key in ("Pss_Anon", "Pss_File", "Pss_Shmem"):
+            out[key.lower()] = int(rest.split()[0]) * 1024
+    return out
+
+
 class PeakRSS:
     """Samples this process and its descendants (Ray's GCS, raylet, workers): summed RSS every
     0.2 s, and summed PSS every 1 s (RSS counts the shared object-store pages once per process
@@ -22,6 +39,7 @@ class PeakRSS:
         self.role = role
         self.peak_total = self.peak_driver = self.peak_pss = self.peak_role = 0
         self.peak_role_pss = 0  # the largest PSS any one ``role`` process reached
+        self.peak_role_breakdown: dict[str, int] = {}  # that process's smaps_rollup at its peak
         self.cpu_start: dict[int, float] = {}  # pid -> user + system seconds at the first sample
         self.cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
@@ -45,7 +63,9 @@ class PeakRSS:
                         self.peak_driver = max(self.peak_driver, own)
                     elif self.role and self.role in " ".join(p.cmdline()):
                         self.peak_role = max(self.peak_role, own)
-                        self.peak_role_pss = max(self.peak_role_pss, own_pss)
+                        if own_pss > self.peak_role_pss:
+                            self.peak_role_pss = own_pss
+                            self.peak_role_breakdown = pss_breakdown(p.pid)
                 except psutil.Error:
                     continue
             self.peak_total = max(self.peak_total, rss)

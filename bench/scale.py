@@ -70,7 +70,8 @@ def child(args: argparse.Namespace) -> None:
     from fearec_dist.launch import start_local_ray
 
     work = Path(args.work)
-    start_local_ray(4)
+    store = int(float(args.object_store_gb) * 2**30) if args.object_store_gb else None
+    start_local_ray(4, object_store_memory=store)
     prepared, info, prepare_s, build_s = prepare(work, int(float(args.size)))
     disk = du(work / "prepared" / "sequences") + du(work / "prepared" / "examples")
     row = {
@@ -81,6 +82,7 @@ def child(args: argparse.Namespace) -> None:
         "prepare_s": round(prepare_s, 1),
         "build_s": round(build_s, 1),
         "disk_bytes_per_interaction": None,
+        "object_store_gb": float(args.object_store_gb) if args.object_store_gb else "default",
     }
     row["disk_bytes_per_interaction"] = round(disk / row["interactions"], 2)
     if args.feed_only:
@@ -168,6 +170,10 @@ def train_row(prepared: str, info: dict, work: Path, steps: int) -> dict:
         "data_wait_share": round(max(wait, 0.0) / steady_s, 4),
         "peak_worker_rss_mb": round(peak.peak_role / GB, 1),
         "peak_worker_pss_mb": round(peak.peak_role_pss / GB, 1),
+        # what that worker's PSS was made of at its peak: anon / file / object-store pages
+        "peak_worker_pss_parts_mb": {
+            k: round(v / GB, 1) for k, v in peak.peak_role_breakdown.items()
+        },
         "total_pss_mb": round(peak.peak_pss / GB, 1),
         "driver_rss_mb": round(peak.peak_driver / GB, 1),
     }
@@ -179,6 +185,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60, help="training steps per size")
     p.add_argument("--feed-only", action="store_true", help="only the model-free feed rows")
     p.add_argument("--no-feed", action="store_true", help="skip the model-free feed rows")
+    p.add_argument("--object-store-gb", help="cap Ray's object store (GiB); beyond it, spill")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per child")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -193,7 +201,10 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="fearec-scale-") as work:
                 cmd = [sys.executable, __file__, "--child", "--size", size, "--work", work]
                 cmd += ["--steps", str(args.steps)] + (["--feed-only"] if mode == "feed" else [])
-                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                cmd += ["--object-store-gb", args.object_store_gb] if args.object_store_gb else []
+                done = subprocess.run(
+                    cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout
+                )
                 line = next((x for x in done.stdout.splitlines() if x.startswith("ROW ")), None)
                 if line is None:
                     print(done.stdout[-3000:], done.stderr[-3000:])
@@ -204,14 +215,16 @@ def main() -> None:
                     "load_avg_1m": round(os.getloadavg()[0], 2),
                 }
                 print(json.dumps(row), flush=True)
-                rows = [r for r in rows if (r["interactions"], r.get("mode")) != (
-                    row["interactions"], row["mode"])] + [row]  # fmt: skip
+                key = ("interactions", "mode", "object_store_gb")
+                same = [row.get(k, "default") for k in key]
+                rows = [r for r in rows if [r.get(k, "default") for k in key] != same] + [row]
                 RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
     print_table(rows)
 
 
 def print_table(rows: list[dict]) -> None:
-    keys = ("interactions", "mode", "prepare_s", "build_s", "disk_bytes_per_interaction",
+    keys = ("interactions", "mode", "object_store_gb", "prepare_s", "build_s",
+            "disk_bytes_per_interaction",
             "first_step_s", "samples_per_s", "data_wait_share", "peak_worker_rss_mb",
             "peak_worker_pss_mb", "total_pss_mb", "feed_examples_per_cpu_s")  # fmt: skip
     print("| " + " | ".join(keys) + " |")

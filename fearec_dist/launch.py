@@ -64,14 +64,15 @@ def init_ray(mode: str, cfg: ExperimentConfig, concurrent_runs: int = 1) -> bool
     return True
 
 
-def start_local_ray(num_cpus: int) -> Any:
+def start_local_ray(num_cpus: int, object_store_memory: int | None = None) -> Any:
     """``ray.init(address="local")`` with the dashboard on 127.0.0.1 and a job-wide
     ``RAY_API_SERVER_ADDRESS`` pointing at it.
 
     Train V2's placement-group cleaner reads the State API (served by the dashboard) to notice a
     dead controller, e.g. a Tune trial stopped by ASHA; without it the trial's CPUs leak and the
     next trials wait forever. Naming the address keeps it on this instance even when other Ray
-    instances run on the machine.
+    instances run on the machine. ``object_store_memory`` (bytes) caps the object store (Ray's
+    default: 30 % of RAM); beyond it objects spill to disk.
     """
     import socket
 
@@ -83,6 +84,7 @@ def start_local_ray(num_cpus: int) -> Any:
     return ray.init(
         address="local",
         num_cpus=num_cpus,
+        object_store_memory=object_store_memory,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=port,
