@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from types import SimpleNamespace
 
@@ -274,3 +275,33 @@ def test_two_ranks_equal_one_process_with_the_gather_and_differ_without():
         loss, state = ranks[rank][False, False]
         assert abs(loss - whole_loss) > 1e-4
         assert not _close(state["grads"], whole["grads"], 1e-4)
+
+
+def test_split_optimizer_state_round_trips_and_refuses_a_dense_checkpoint():
+    """A resumed run continues the lazy Adam exactly; a state saved without sparse item updates
+    is refused with the setting named."""
+
+    def step(model, opt, seed):
+        softmax = SampledSoftmax(_train(), N_ITEMS, _counts(), torch.device("cpu"))
+        loss = get_spec("sasrec").loss_terms(model, _batch(seed=seed),
+                                             softmax=softmax.at_step(0, seed))["loss"]  # fmt: skip
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    a = _sasrec()
+    a.item_embedding.sparse = True
+    opt_a = build_optimizer(a, 0.01, 0.0, sparse_items=True)
+    step(a, opt_a, 1)
+    b = _sasrec()
+    b.item_embedding.sparse = True
+    b.load_state_dict(a.state_dict())
+    opt_b = build_optimizer(b, 0.01, 0.0, sparse_items=True)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as read from a file
+    step(a, opt_a, 2)
+    step(b, opt_b, 2)
+    for (name, pa_), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa_, pb), name
+    dense = build_optimizer(_sasrec(), 0.01, 0.0).state_dict()
+    with pytest.raises(ValueError, match="sparse_item_updates"):
+        opt_b.load_state_dict(dense)
