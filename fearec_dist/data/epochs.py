@@ -52,7 +52,7 @@ import numpy as np
 import pyarrow as pa
 
 from fearec_dist.config import StorageSection
-from fearec_dist.data.examples import dense, fixed_list, sequences_dataset
+from fearec_dist.data.examples import USERS_PER_BATCH, dense, fixed_list, sequences_dataset
 from fearec_dist.data.sequences import build_loo_examples, sequences_csr
 
 DATA_TASK_CPUS = 0.25
@@ -178,7 +178,8 @@ def epoch_dataset(
 ) -> Any:
     """The Ray dataset of epoch ``epoch``'s training examples (lazy; see the module docstring)."""
     ds = sequences_dataset(prepared_uri, storage)
-    ds = ds.map_batches(TrainRows(max_seq_len), batch_format="pyarrow", num_cpus=DATA_TASK_CPUS)
+    ds = ds.map_batches(TrainRows(max_seq_len), batch_format="pyarrow",
+                        batch_size=USERS_PER_BATCH, num_cpus=DATA_TASK_CPUS)  # fmt: skip
     parts = n_partitions(n_examples, max_seq_len, partition_bytes, minimum=1)
     if pair and parts == 1:  # it all fits one partition: gather it without a hash shuffle
         ds = ds.repartition(1)

@@ -34,6 +34,12 @@ from fearec_dist.storage import open_output, read_json, resolve, write_json
 
 EXAMPLES_VERSION = 2
 DATA_TASK_CPUS = 0.25
+# Users per call of the UDFs that expand sequences into L-wide rows (training examples,
+# evaluation rows). Without it a UDF gets whatever batch the Parquet scanner yields (up to
+# 131,072 rows, i.e. users: ~4.6M examples at 35 items each); at 40M interactions the epoch job's
+# fused read -> TrainRows task grew past 13 GB and was OOM-killed over and over. 4,096 users x
+# 35 items x (L + 4) x 4 bytes is ~31 MB of examples per call at L = 50.
+USERS_PER_BATCH = 4096
 
 
 def fingerprint(meta: dict[str, Any]) -> str:
@@ -123,6 +129,7 @@ def eval_dataset(
     return ds.map_batches(
         EvalRows(split, info["max_seq_len"], users),
         batch_format="pyarrow",
+        batch_size=USERS_PER_BATCH,
         num_cpus=DATA_TASK_CPUS,
     )
 
