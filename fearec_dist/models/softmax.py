@@ -66,7 +66,8 @@ def sampled_ce(
         target: (n,) item ids.
         weight: (R, D) the item table (R >= V; ids index it directly); bias: (R,) or None.
         candidates: (M,) item ids, duplicates allowed.
-        log_q: (R,) log expected count of each id among the candidates, or None (no correction).
+        log_q: (M,) log expected count of each candidate's id among the candidates, or None
+            (no correction).
         temperature: logits are divided by it (before the correction).
         sparse: look rows up with a sparse gradient.
         reduction: "mean" over rows, or "none" for (n,).
@@ -82,7 +83,7 @@ def sampled_ce(
         pos, cand = pos + bias[target], cand + bias[candidates]
     pos, cand = at_least_float32(pos) / temperature, at_least_float32(cand) / temperature
     if log_q is not None:  # candidates only: the positive is no draw (see the docstring)
-        cand = cand - log_q[candidates]
+        cand = cand - log_q
     cand = cand.masked_fill(candidates[None, :] == target[:, None], float("-inf"))
     logits = torch.cat([pos[:, None], cand], dim=1)  # (n, 1 + M), the positive in column 0
     labels = torch.zeros(len(target), dtype=torch.long, device=target.device)
@@ -180,7 +181,8 @@ class StepSoftmax:
         self.owner, self.negatives = owner, negatives
 
     def candidates(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(M,) candidate ids for this step's rows and (V,) log expected counts (or None)."""
+        """(M,) candidate ids for this step's rows and their (M,) log expected counts (or None):
+        computed for the M candidates only, never over the whole catalogue."""
         o, parts = self.owner, [self.negatives]
         n_in = 0
         if o.in_batch:
@@ -190,7 +192,7 @@ class StepSoftmax:
         cands = torch.cat(parts)
         if not o.logq:
             return cands, None
-        expected = n_in * o.p_train + len(self.negatives) * o.q  # (V,)
+        expected = n_in * o.p_train[cands] + len(self.negatives) * o.q[cands]  # (M,)
         return cands, torch.log(expected.clamp(min=1e-30))
 
     def loss(

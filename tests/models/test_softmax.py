@@ -138,7 +138,7 @@ def test_logq_correction_brings_the_sampled_gradient_closer_to_the_full_one():
     for _ in range(draws):
         cands = sampler.draw(k, g)
         for corrected in (True, False):
-            loss = sampled_ce(q[None], target, w, None, cands, log_q if corrected else None)
+            loss = sampled_ce(q[None], target, w, None, cands, log_q[cands] if corrected else None)
             sums[corrected] += torch.autograd.grad(loss, q)[0]
     err = {c: float((sums[c] / draws - g_full).norm() / g_full.norm()) for c in sums}
     print(f"relative gradient error: corrected {err[True]:.3f}, uncorrected {err[False]:.3f}")
