@@ -116,6 +116,23 @@ def resolve(uri: str, storage: StorageSection | None = None) -> tuple[pafs.FileS
     return pafs.LocalFileSystem(), path
 
 
+def read_parquet_dataset(uri: str, storage: StorageSection | None, **ray_args: Any) -> Any:
+    """``ray.data.read_parquet`` of a local path or URI through Ray's file-based Parquet reader.
+
+    Ray 2.60's default ("DataSourceV2") starts 32 footer-reader actors for every read, whatever
+    the dataset's size: on this 2-CPU box each read of a 200-user dataset took 9-10 s instead of
+    0.2-0.4 s, and a run's prepare and per-epoch reads pay it each time. The file-based reader
+    splits the same files into the same read tasks without them. ``RAY_DATA_USE_DATASOURCE_V2``
+    set in the environment keeps the user's choice.
+    """
+    import ray.data
+
+    fs, root = resolve(uri, storage)
+    if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
+        ray.data.DataContext.get_current().use_datasource_v2 = False
+    return ray.data.read_parquet(root, filesystem=fs, **ray_args)
+
+
 def fsspec_filesystem(uri: str, storage: StorageSection | None = None) -> tuple[Any, str]:
     """(fsspec filesystem, path) for libraries that want fsspec (pandas, torch.save via open);
     s3 gets the same endpoint, region, anonymity and bounded timeouts/retries as ``resolve``."""

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from fearec_dist.config import StorageSection
 from fearec_dist.data.popularity import training_counts
 from fearec_dist.data.sequences import build_loo_examples, gather_ranges, sequences_csr
-from fearec_dist.storage import open_output, read_json, resolve, write_json
+from fearec_dist.storage import open_output, read_json, read_parquet_dataset, resolve, write_json
 
 EXAMPLES_VERSION = 2
 DATA_TASK_CPUS = 0.25
@@ -111,10 +111,8 @@ def sample_users(n_users: int, k: int, seed: int) -> np.ndarray | None:
 
 
 def sequences_dataset(prepared_uri: str, storage: StorageSection | None) -> Any:
-    import ray.data
-
-    fs, root = resolve(f"{prepared_uri.rstrip('/')}/sequences", storage)
-    ds = ray.data.read_parquet(root, filesystem=fs, num_cpus=DATA_TASK_CPUS)
+    uri = f"{prepared_uri.rstrip('/')}/sequences"
+    ds = read_parquet_dataset(uri, storage, num_cpus=DATA_TASK_CPUS)
     return ds.select_columns(["user", "items"])  # pushed down into the Parquet read
 
 

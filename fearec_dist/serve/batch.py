@@ -197,7 +197,15 @@ def run_batch(
     import ray.data
 
     from fearec_dist.serve.artifact import load_export
-    from fearec_dist.storage import delete_dir, exists, list_children, redact, resolve, write_json
+    from fearec_dist.storage import (
+        delete_dir,
+        exists,
+        list_children,
+        read_parquet_dataset,
+        redact,
+        resolve,
+        write_json,
+    )
 
     start = time.time()
     storage = storage or StorageSection()
@@ -222,13 +230,13 @@ def run_batch(
         "prepared": prepared,
         "same_vocab": same_vocab,
     }
-    fs, path = resolve(f"{prepared}/sequences" if prepared else input_uri, storage)
+    uri = f"{prepared}/sequences" if prepared else input_uri
     columns = ["user", "items"] if prepared else ["user_id", "item_ids"]
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     # reads and writes are I/O-bound: a fraction of a CPU each, so an actor pool that takes
     # every CPU of the instance does not starve them (on 2 CPUs, one 2-CPU actor stalled the job)
-    ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=READ_CPUS).select_columns(columns)
+    ds = read_parquet_dataset(uri, storage, num_cpus=READ_CPUS).select_columns(columns)
     use_gpu = device.startswith("cuda")
     ds = ds.map_batches(
         BatchRecommender,
