@@ -1,23 +1,23 @@
 #!/bin/bash
 # Issue 16's large-vocabulary quality check: a synthetic log whose vocabulary holds >= 10^6 items
-# (150,000 users x 2,000,000 synthetic items: 5,249,860 interactions, 1,106,625 distinct items),
+# (100,000 users x 4,000,000 synthetic items: 3,495,192 interactions, 1,104,585 distinct items),
 # SASRec with the sampled softmax and sparse item updates for 2 epochs, then the trained model and
 # the popularity ranking on the same seeded sample of 10,000 test users (`--users 10000 --seed 2026`:
 # sample_users draws 10,000 of the user ids without replacement from a generator seeded [2026, 41]).
-# No evaluation inside the run (test would score all 150,000 users against 2M items: ~50 min here).
+# No evaluation inside the run (the test pass would score all 100,000 users against 1.1M items: ~30 min here).
 #   bash bench/catalog_synthetic.sh > runs/catalog-synthetic.log 2>&1 &
 set -e
 cd "$(dirname "$0")/.." && mkdir -p runs
-DATA=runs/_prepared/synthetic-2m-items
+DATA=runs/_prepared/synthetic-4m-items
 [ -f $DATA/meta.json ] || .venv/bin/fearec-dist prepare --format synthetic --output $DATA \
-  --set data.synthetic_users=150000 --set data.synthetic_items=2000000
+  --set data.synthetic_users=100000 --set data.synthetic_items=4000000
 .venv/bin/fearec-dist train --config jobs/configs/demo.yaml --local --data $DATA \
   --set data.format=prepared --set data.max_seq_len=${L:-20} --set model.name=sasrec \
   --set train.epochs=2 --set train.batch_size=256 --set train.softmax=sampled \
   --set train.n_negatives=1024 --set train.negative_sampler=popularity \
   --set train.sparse_item_updates=true --set train.evaluate=false --set train.seed=2026 \
-  --set run.workers=2 --set run.cpus_per_worker=1.0 --name sasrec-synthetic-2m-sampled-sparse
-for mode in "--checkpoint runs/sasrec-synthetic-2m-sampled-sparse" "--baseline popularity --data $DATA --max-seq-len ${L:-20}"; do
+  --set run.workers=2 --set run.cpus_per_worker=1.0 --name sasrec-synthetic-4m-sampled-sparse
+for mode in "--checkpoint runs/sasrec-synthetic-4m-sampled-sparse" "--baseline popularity --data $DATA --max-seq-len ${L:-20}"; do
   echo "== evaluate $mode"
   .venv/bin/fearec-dist evaluate $mode --users 10000 --seed 2026 --json
 done
