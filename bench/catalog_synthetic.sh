@@ -6,18 +6,20 @@
 # sample_users draws 10,000 of the user ids without replacement from a generator seeded [2026, 41]).
 # No evaluation inside the run (the test pass would score all 100,000 users against 1.1M items: ~30 min here).
 #   bash bench/catalog_synthetic.sh > runs/catalog-synthetic.log 2>&1 &
+# Smoke test at a small size: USERS=2000 ITEMS=20000 NAME=smoke DATA=runs/_prepared/smoke bash bench/catalog_synthetic.sh
 set -e
 cd "$(dirname "$0")/.." && mkdir -p runs
-DATA=runs/_prepared/synthetic-4m-items
+USERS=${USERS:-100000}; ITEMS=${ITEMS:-4000000}; NAME=${NAME:-sasrec-synthetic-4m-sampled-sparse}
+DATA=${DATA:-runs/_prepared/synthetic-4m-items}
 [ -f $DATA/meta.json ] || .venv/bin/fearec-dist prepare --format synthetic --output $DATA \
-  --set data.synthetic_users=100000 --set data.synthetic_items=4000000
+  --set data.synthetic_users=$USERS --set data.synthetic_items=$ITEMS
 .venv/bin/fearec-dist train --config jobs/configs/demo.yaml --local --data $DATA \
   --set data.format=prepared --set data.max_seq_len=${L:-20} --set model.name=sasrec \
   --set train.epochs=2 --set train.batch_size=256 --set train.softmax=sampled \
   --set train.n_negatives=1024 --set train.negative_sampler=popularity \
   --set train.sparse_item_updates=true --set train.evaluate=false --set train.seed=2026 \
-  --set run.workers=2 --set run.cpus_per_worker=1.0 --name sasrec-synthetic-4m-sampled-sparse
-for mode in "--checkpoint runs/sasrec-synthetic-4m-sampled-sparse" "--baseline popularity --data $DATA --max-seq-len ${L:-20}"; do
+  --set run.workers=2 --set run.cpus_per_worker=1.0 --name $NAME
+for mode in "--checkpoint runs/$NAME" "--baseline popularity --data $DATA --max-seq-len ${L:-20}"; do
   echo "== evaluate $mode"
   .venv/bin/fearec-dist evaluate $mode --users 10000 --seed 2026 --json
 done

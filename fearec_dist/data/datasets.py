@@ -26,12 +26,13 @@ from fearec_dist.storage import storage_root
 
 
 def ensure_prepared(cfg: ExperimentConfig, progress: bool = True) -> str:
-    """Returns a prepared dataset URI, running ``prepare`` first when the config names raw input."""
+    """Returns a prepared dataset URI, running ``prepare`` first when the config names raw input.
+    A local path comes back absolute: the train workers run in Ray's own working directory."""
     data = cfg.data
     if data.format == "prepared":
         if not data.path:
             raise ValueError("data.path is empty: name a prepared dataset or raw input")
-        return data.path
+        return storage_root(data.path)
     from fearec_dist.data.prepare import prepare_dataset
     from fearec_dist.storage import exists
 
@@ -39,7 +40,7 @@ def ensure_prepared(cfg: ExperimentConfig, progress: bool = True) -> str:
     key = json.dumps({k: v for k, v in data.__dict__.items() if k not in skip}, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     cache = f"{storage_root(cfg.run.storage_path)}/_prepared/{data.format}-{digest}"
-    out = data.prepared_path or cache
+    out = storage_root(data.prepared_path) if data.prepared_path else cache
     if exists(f"{out}/meta.json", cfg.storage):
         print(f"[fearec-dist] using prepared data at {out}")
         return out

@@ -197,8 +197,8 @@ def build_examples(
     if not rebuild:
         try:
             info = read_json(f"{out_uri}/info.json", storage)
-            if info.get("version") == EXAMPLES_VERSION:
-                return info
+            if info.get("version") == EXAMPLES_VERSION:  # where it lies now, not when counted
+                return info | {"uri": out_uri, "prepared_uri": prepared_uri}
         except (FileNotFoundError, OSError, ValueError):
             pass
     start = time.time()

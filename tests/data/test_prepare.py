@@ -119,6 +119,36 @@ def test_synthetic_format_and_attributes(ray_session, tmp_path):
     assert table == {"item": [1, 2], "attrs": [[2, 1], [2]]}  # x = 1, y = 2
 
 
+def test_relative_paths_come_back_absolute(ray_session, tmp_path, monkeypatch):
+    """The train workers run in Ray's own working directory: a relative ``--data`` or
+    ``data.prepared_path`` must reach them as an absolute path (it once failed with a
+    FileNotFoundError under ``/tmp/ray/session_*/artifacts``)."""
+    from fearec_dist.config import load_config
+    from fearec_dist.data.datasets import ensure_prepared
+    from fearec_dist.data.examples import build_examples
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        None,
+        [
+            "data.format=synthetic",
+            "data.synthetic_users=30",
+            "data.synthetic_items=20",
+            "data.prepared_path=rel/prep",
+        ],
+    )
+    out = ensure_prepared(cfg, progress=False)
+    assert out == str(tmp_path / "rel/prep") and (tmp_path / "rel/prep/meta.json").exists()
+    cfg = load_config(None, ["data.format=prepared", "data.path=rel/prep"])
+    assert ensure_prepared(cfg) == str(tmp_path / "rel/prep")
+    # examples counted from the relative path, then found again from the absolute one: the
+    # cached info names where they lie now
+    counted = build_examples("rel/prep", 20)
+    found = build_examples(str(tmp_path / "rel/prep"), 20)
+    assert counted["uri"].startswith("rel/prep/") and found["uri"].startswith(str(tmp_path))
+    assert found["prepared_uri"] == str(tmp_path / "rel/prep")
+
+
 def test_bad_input_fails_and_writes_nothing(ray_session, tmp_path):
     (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\nu,i,1\nu,j,-3\n")
     with pytest.raises(DataError, match=r"log\.csv: row 2.*negative"):
