@@ -152,15 +152,42 @@ def shared_dataset(*parts: str) -> Path:
     return path
 
 
+def _gloo_rank(target, rank: int, world: int, port: int, args: tuple, out) -> None:
+    """One spawned rank: a gloo group around ``target(rank, world, *args, out)``.
+
+    Teardown is where gloo crashes when it is left to chance ("terminate called without an active
+    exception", 1 in ~75 runs here): a rank that destroys its group while its peer still reads, or
+    gloo's threads still holding work when the interpreter finalizes. So the ranks meet at a
+    barrier, destroy the group, flush the result queue, and leave without finalization. A rank
+    whose ``target`` raised still exits through the exception (non-zero).
+    """
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        target(rank, world, *args, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    out.close()
+    out.join_thread()
+    os._exit(0)
+
+
 def run_gloo_ranks(target, args: tuple, world: int = 2, timeout: float = 180) -> list:
-    """Runs ``target(rank, world, port, *args, out)`` in ``world`` spawned processes (a real gloo
-    process group each); returns what each put on ``out``, sorted (rank first)."""
+    """Runs ``target(rank, world, *args, out)`` in ``world`` spawned processes, each in a real gloo
+    process group (set up and torn down here); returns what each put on ``out``, sorted (rank
+    first)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_gloo_rank, args=(target, r, world, port, args, out))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     try:
@@ -170,5 +197,6 @@ def run_gloo_ranks(target, args: tuple, world: int = 2, timeout: float = 180) ->
             p.join(timeout=60)
             if p.is_alive():
                 p.terminate()
-    assert all(p.exitcode == 0 for p in procs)
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, f"rank exit codes {codes}"
     return results

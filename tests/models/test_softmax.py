@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -212,32 +211,27 @@ def _numpy(state: dict) -> dict:
     return {part: {k: v.numpy() for k, v in d.items()} for part, d in state.items()}
 
 
-def _rank_worker(rank: int, world: int, port: int, out) -> None:
+def _rank_worker(rank: int, world: int, out) -> None:
     """Every case in one pair of processes (spawning costs more than the steps)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        results = {}
-        for gather, sparse in CASES:
-            torch.manual_seed(100 + rank)  # unequal starts: the broadcasts make them equal
-            module = _sasrec(double=True) if rank == 0 else build_model(
-                "sasrec", n_items=N_ITEMS, max_seq_len=L, **NO_DROPOUT
-            ).double()  # fmt: skip
-            if sparse:
-                module.item_embedding.sparse = True
-                distributed.keep_table_out_of_ddp(module)
-            model = torch.nn.parallel.DistributedDataParallel(module, broadcast_buffers=False)
-            batch = {k: v[rank * B : (rank + 1) * B] for k, v in _batch().items()}
-            ids = distributed.build_gather_ids(gather)
-            softmax = SampledSoftmax(_train(), N_ITEMS, _counts(), torch.device("cpu"), ids)
-            loss, state = _sampled_step(model, batch, softmax.at_step(2, 5), sparse)
-            losses = [None] * world
-            dist.all_gather_object(losses, loss)
-            results[gather, sparse] = (sum(losses) / world, _numpy(state))
-        out.put((rank, results))  # numpy only: tensors would share memory with a dead process
-    finally:
-        dist.destroy_process_group()
+    torch.set_num_threads(1)
+    results = {}
+    for gather, sparse in CASES:
+        torch.manual_seed(100 + rank)  # unequal starts: the broadcasts make them equal
+        module = _sasrec(double=True) if rank == 0 else build_model(
+            "sasrec", n_items=N_ITEMS, max_seq_len=L, **NO_DROPOUT
+        ).double()  # fmt: skip
+        if sparse:
+            module.item_embedding.sparse = True
+            distributed.keep_table_out_of_ddp(module)
+        model = torch.nn.parallel.DistributedDataParallel(module, broadcast_buffers=False)
+        batch = {k: v[rank * B : (rank + 1) * B] for k, v in _batch().items()}
+        ids = distributed.build_gather_ids(gather)
+        softmax = SampledSoftmax(_train(), N_ITEMS, _counts(), torch.device("cpu"), ids)
+        loss, state = _sampled_step(model, batch, softmax.at_step(2, 5), sparse)
+        losses = [None] * world
+        dist.all_gather_object(losses, loss)
+        results[gather, sparse] = (sum(losses) / world, _numpy(state))
+    out.put((rank, results))  # numpy only: tensors would share memory with a dead process
 
 
 def _one_process(sparse: bool) -> tuple[float, dict]:

@@ -8,7 +8,6 @@ generator saved mid-way through its key block continues exactly.
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
@@ -42,32 +41,27 @@ def test_rng_state_round_trip_is_exact(tmp_path):
     assert _draws() == expected
 
 
-def _rank(rank: int, world: int, port: int, directory: str, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        ckpt.seed_rank(2026, rank)
-        _advance(rank)
-        saved = ckpt.rng_state()
-        states = ckpt.gather_rng_states(rank, world)  # a collective, as in the epoch report
-        if rank == 0:
-            assert states is not None and len(states) == world
-            ckpt.save_state(directory, {"rng": states})
-        else:
-            assert states is None
-        expected = _draws()
-        dist.barrier()
-        ckpt.seed_rank(7, 0)  # scrambled, and the same on every rank
-        assert ckpt.restore_rng_state(ckpt.load_state(directory)["rng"], rank)
-        restored = ckpt.rng_state()
-        same = (
-            torch.equal(restored["torch"], saved["torch"])
-            and restored["numpy"] == saved["numpy"]
-            and restored["python"] == saved["python"]
-        )
-        out.put((rank, same, _draws() == expected, saved["numpy"]["pos"]))
-    finally:
-        dist.destroy_process_group()
+def _rank(rank: int, world: int, directory: str, out) -> None:
+    ckpt.seed_rank(2026, rank)
+    _advance(rank)
+    saved = ckpt.rng_state()
+    states = ckpt.gather_rng_states(rank, world)  # a collective, as in the epoch report
+    if rank == 0:
+        assert states is not None and len(states) == world
+        ckpt.save_state(directory, {"rng": states})
+    else:
+        assert states is None
+    expected = _draws()
+    dist.barrier()
+    ckpt.seed_rank(7, 0)  # scrambled, and the same on every rank
+    assert ckpt.restore_rng_state(ckpt.load_state(directory)["rng"], rank)
+    restored = ckpt.rng_state()
+    same = (
+        torch.equal(restored["torch"], saved["torch"])
+        and restored["numpy"] == saved["numpy"]
+        and restored["python"] == saved["python"]
+    )
+    out.put((rank, same, _draws() == expected, saved["numpy"]["pos"]))
 
 
 def test_each_rank_restores_its_own_rng_states(tmp_path):

@@ -4,11 +4,8 @@ updated parameters differ (the negative pool shrinks to the local batch)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from fearec_dist.models import build_model, get_spec
 from fearec_dist.train.distributed import build_gather
@@ -56,18 +53,13 @@ def _step(model, batch, gather) -> float:
     return float(terms["loss"].detach())
 
 
-def _worker(rank: int, world: int, port: int, use_gather: bool, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        model = torch.nn.parallel.DistributedDataParallel(_model(), broadcast_buffers=False)
-        batch = {k: v[rank * B : (rank + 1) * B] for k, v in _batch().items()}
-        loss = _step(model, batch, build_gather(use_gather))
-        params = {k: v.detach().numpy().copy() for k, v in model.module.state_dict().items()}
-        out.put((rank, loss, params))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, use_gather: bool, out) -> None:
+    torch.set_num_threads(1)
+    model = torch.nn.parallel.DistributedDataParallel(_model(), broadcast_buffers=False)
+    batch = {k: v[rank * B : (rank + 1) * B] for k, v in _batch().items()}
+    loss = _step(model, batch, build_gather(use_gather))
+    params = {k: v.detach().numpy().copy() for k, v in model.module.state_dict().items()}
+    out.put((rank, loss, params))
 
 
 def _run_two(use_gather: bool):

@@ -3,8 +3,6 @@ averaged over ranks, equals the single-process gradient of the whole batch (both
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,26 +18,21 @@ def _contrastive(local: torch.Tensor, gathered: torch.Tensor, offset: int) -> to
     return torch.nn.functional.cross_entropy(logits, labels)
 
 
-def _worker(rank: int, world: int, port: int, use_functional: bool, sizes: list[int], out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        distributed.USE_FUNCTIONAL = use_functional
-        torch.manual_seed(0)
-        w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-        x = torch.randn(sum(sizes), 6, dtype=torch.float64)
-        start = sum(sizes[:rank])
-        local = x[start : start + sizes[rank]] @ w
-        gathered, offset = distributed.all_gather_with_grad(local)
-        assert offset == start
-        # weight n_w * W / N makes the DDP average equal the whole-batch mean (unequal shards)
-        loss = _contrastive(local, gathered, offset) * sizes[rank] * world / sum(sizes)
-        loss.backward()
-        grad = w.grad.clone()
-        dist.all_reduce(grad)
-        out.put((rank, (grad / world).tolist()))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, use_functional: bool, sizes: list[int], out) -> None:
+    distributed.USE_FUNCTIONAL = use_functional
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(sum(sizes), 6, dtype=torch.float64)
+    start = sum(sizes[:rank])
+    local = x[start : start + sizes[rank]] @ w
+    gathered, offset = distributed.all_gather_with_grad(local)
+    assert offset == start
+    # weight n_w * W / N makes the DDP average equal the whole-batch mean (unequal shards)
+    loss = _contrastive(local, gathered, offset) * sizes[rank] * world / sum(sizes)
+    loss.backward()
+    grad = w.grad.clone()
+    dist.all_reduce(grad)
+    out.put((rank, (grad / world).tolist()))
 
 
 @pytest.mark.parametrize("use_functional", [True, False])
