@@ -182,6 +182,9 @@ class RunSection:
     max_failures: int = 0
     checkpoints_to_keep: int = 2
     checkpoint_every_steps: int = 0  # also checkpoint every N steps inside an epoch; 0 = per epoch
+    progress_every_s: float = (
+        60.0  # rank 0 prints a step / ETA line this often in an epoch; 0 = off
+    )
     # custom Ray resources each worker also requests, e.g. {"trainer_slot": 1} with one slot per
     # node places one worker per node; the names must match the nodes' `--resources`
     worker_resources: dict[str, float] = field(default_factory=dict)
@@ -195,6 +198,8 @@ class RunSection:
             )
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"run.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        if not self.progress_every_s >= 0:
+            raise ConfigError(f"run.progress_every_s: must be >= 0, got {self.progress_every_s}")
         resources = {}
         for name, amount in self.worker_resources.items():
             key = f"run.worker_resources.{name}"

@@ -2,7 +2,7 @@
 
 Owns ``say`` (one console line), ``quiet_ray_train_console`` (Ray Train's per-report INFO lines
 stay in its log files), the start-up banner with the derived values (global batch, steps,
-negatives per row) and the per-epoch line.
+negatives per row), the in-epoch progress line and the per-epoch line.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from fearec_dist.config import ExperimentConfig
@@ -67,3 +69,60 @@ def print_epoch(row: dict[str, Any], metric: str, epochs: int, valid_on: str = "
             parts.append(f"{key} {row[key]:.4f}")
     parts.append(f"{row['samples_per_s']:.0f} samples/s, data wait {row['data_wait_share']:.1%}")
     say("[fearec-dist] " + " | ".join(parts))
+
+
+class StepProgress:
+    """``epoch e/E step s/S (p%) | loss … | … samples/s | ETA …`` every ``every_s`` seconds of
+    an epoch (an epoch at 10^8 examples is hours long; the epoch line comes only at its end).
+
+    ``tick(partial)`` takes the loop's running state (``steps``, ``samples``, ``sums``,
+    ``seconds``, as in a step checkpoint); the rate counts only this call's steps, so a resumed
+    epoch's ETA does not credit the replayed ones.
+    """
+
+    def __init__(
+        self,
+        epoch: int,
+        epochs: int,
+        steps: int,
+        every_s: float,
+        world: int,
+        clock: Callable[[], float] = time.monotonic,
+        out: Callable[[str], None] = say,
+    ) -> None:
+        self.epoch, self.epochs, self.steps, self.every_s = epoch, epochs, steps, every_s
+        self.world, self.clock, self.out = world, clock, out
+        self.last = clock()
+        self.base: tuple[float, int, int] | None = None  # (seconds, steps, samples) at start
+
+    def tick(self, partial: dict[str, Any]) -> None:
+        if self.base is None:  # the first step of this call: rates start here
+            self.base = (partial["seconds"], partial["steps"], partial["samples"])
+            return
+        now = self.clock()
+        if not self.every_s or now - self.last < self.every_s:
+            return
+        self.last = now
+        seconds, steps, samples = (partial[k] - b for k, b in zip(
+            ("seconds", "steps", "samples"), self.base))  # fmt: skip
+        done = partial["steps"]
+        loss = partial["sums"].get("loss")
+        parts = [f"epoch {self.epoch}/{self.epochs} step {done:,}/{self.steps:,} "
+                 f"({done / self.steps:.0%})"]  # fmt: skip
+        if loss is not None:
+            parts.append(f"loss {float(loss) / done:.4f}")
+        if seconds > 0 and steps > 0:
+            eta = (self.steps - done) * seconds / steps
+            parts.append(f"{samples * self.world / seconds:.0f} samples/s")
+            parts.append(f"epoch ETA {format_duration(eta)}")
+        self.out("[fearec-dist] " + " | ".join(parts))
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``7m05s``, ``3h12m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

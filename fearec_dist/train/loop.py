@@ -26,7 +26,13 @@ import torch
 from fearec_dist.config import ExperimentConfig, TrainSection
 from fearec_dist.data.feed import TrainFeed
 from fearec_dist.train import checkpoint as ckpt
-from fearec_dist.train.console import print_epoch, print_start, quiet_ray_train_console, say
+from fearec_dist.train.console import (
+    StepProgress,
+    print_epoch,
+    print_start,
+    quiet_ray_train_console,
+    say,
+)
 from fearec_dist.train.device import autocast_for, device_for, to_device
 from fearec_dist.train.distributed import average_sparse_grad, build_gather, wrap_ddp
 from fearec_dist.train.evaluate import evaluate
@@ -195,12 +201,20 @@ def train_func(config: dict[str, Any]) -> None:
     # due; [5] report every epoch (rank 0 checkpoints)
     reporter, every = Reporter(cfg, info, run_dir, rank, world), cfg.run.checkpoint_every_steps
 
+    progress: StepProgress | None = None
+
     def on_step(partial: dict[str, Any]) -> None:
+        if progress is not None:
+            progress.tick(partial)
         if every and partial["steps"] % every == 0:
             reporter.report_step(state, partial)
 
     for epoch in range(state.progress.epoch, t.epochs):
         partial, state.progress.partial = state.progress.partial, {}
+        if rank == 0 and cfg.run.progress_every_s:
+            progress = StepProgress(
+                epoch + 1, t.epochs, feed.steps, cfg.run.progress_every_s, world
+            )
         stats = train_one_epoch(
             model, state.module, loss_fn, feed, epoch, state.optimizer, device, t.amp, gather,
             partial, on_step, softmax, table,
