@@ -6,7 +6,9 @@
 # sample_users draws 10,000 of the user ids without replacement from a generator seeded [2026, 41]).
 # No evaluation inside the run (the test pass would score all 100,000 users against 1.1M items: ~30 min here).
 #   bash bench/catalog_synthetic.sh > runs/catalog-synthetic.log 2>&1 &
-# Smoke test at a small size: USERS=2000 ITEMS=20000 NAME=smoke DATA=runs/_prepared/smoke bash bench/catalog_synthetic.sh
+# Smoke test at a small size (OUT keeps bench/results as it is):
+#   USERS=2000 ITEMS=20000 NAME=smoke DATA=runs/_prepared/smoke OUT=runs/smoke.json bash bench/catalog_synthetic.sh
+# Writes bench/results/catalog_synthetic.json (bench/catalog_synthetic_rows.py).
 set -e
 cd "$(dirname "$0")/.." && mkdir -p runs
 USERS=${USERS:-100000}; ITEMS=${ITEMS:-4000000}; NAME=${NAME:-sasrec-synthetic-4m-sampled-sparse}
@@ -19,7 +21,11 @@ DATA=${DATA:-runs/_prepared/synthetic-4m-items}
   --set train.n_negatives=1024 --set train.negative_sampler=popularity \
   --set train.sparse_item_updates=true --set train.evaluate=false --set train.seed=2026 \
   --set run.workers=2 --set run.cpus_per_worker=1.0 --name $NAME
-for mode in "--checkpoint runs/$NAME" "--baseline popularity --data $DATA --max-seq-len ${L:-20}"; do
-  echo "== evaluate $mode"
-  .venv/bin/fearec-dist evaluate $mode --users 10000 --seed 2026 --json
-done
+echo "== evaluate the model"
+.venv/bin/fearec-dist evaluate --checkpoint runs/$NAME --users 10000 --seed 2026 --json \
+  | tee runs/$NAME/eval-model.json
+echo "== evaluate popularity"
+.venv/bin/fearec-dist evaluate --baseline popularity --data $DATA --max-seq-len ${L:-20} \
+  --users 10000 --seed 2026 --json | tee runs/$NAME/eval-popularity.json
+.venv/bin/python bench/catalog_synthetic_rows.py --run runs/$NAME --data $DATA \
+  ${OUT:+--out $OUT}
