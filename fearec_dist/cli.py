@@ -261,13 +261,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _print_results(results: dict[str, Any]) -> None:
+    if not (results.get("valid") or results.get("test")):  # train.evaluate=false
+        print(
+            f"{results.get('epochs_run', 0)} epoch(s) run, none evaluated (train.evaluate=false); "
+            "score the run with: fearec-dist evaluate --checkpoint RUN_DIR [--users N]"
+        )
+        return
     keys = ("hr@10", "ndcg@10", "mrr@10", "masked_hr@10", "masked_ndcg@10")
     print(f"{'split':<6}" + "".join(f"{k:>16}" for k in keys))
     for split in ("valid", "test"):
         row = results.get(split) or {}
         print(f"{split:<6}" + "".join(f"{row.get(k, float('nan')):>16.4f}" for k in keys))
-    if "best_epoch" in results:
+    if results.get("best_epoch"):
         print(f"best epoch {results['best_epoch']} of {results.get('epochs_run')} run")
+    elif "epochs_run" in results:  # a checkpoint of a run trained without evaluation
+        print(f"{results['epochs_run']} epoch(s) run, scored at the last")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

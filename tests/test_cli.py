@@ -91,3 +91,20 @@ def test_evaluate_baseline_popularity_prints_the_table_and_json(tmp_path, capsys
     assert results["baseline"] == "popularity" and results["test"]["hr@5"] == 1.0
     assert results["users"] == {"scored": 4, "of": 4, "seed": None}
     assert (results["n_valid"], results["n_test"]) == (2, 3)
+
+
+def test_results_summary_of_a_run_trained_without_evaluation(capsys):
+    from fearec_dist.cli import _print_results
+
+    _print_results({"valid": {}, "test": {}, "best_epoch": 0, "epochs_run": 2})
+    out = capsys.readouterr().out
+    assert "2 epoch(s) run, none evaluated (train.evaluate=false)" in out
+    assert "nan" not in out and "best epoch 0" not in out
+    # its checkpoint scored afterwards (evaluate --checkpoint): metrics at the last epoch
+    _print_results({"valid": {"hr@10": 0.5}, "test": {"hr@10": 0.4}, "best_epoch": 0,
+                    "epochs_run": 2})  # fmt: skip
+    out = capsys.readouterr().out
+    assert "0.4000" in out and "2 epoch(s) run, scored at the last" in out
+    _print_results({"valid": {"hr@10": 0.5}, "test": {"hr@10": 0.4}, "best_epoch": 3,
+                    "epochs_run": 5})  # fmt: skip
+    assert "best epoch 3 of 5 run" in capsys.readouterr().out
