@@ -15,8 +15,9 @@ import csv
 import json
 from pathlib import Path
 
+from quality_rows import KEYS  # the metrics the Beauty rows keep (bench/ is on the path)
+
 RESULTS = Path(__file__).resolve().parent / "results" / "catalog_synthetic.json"
-KEYS = ("hr@5", "hr@10", "ndcg@10", "masked_hr@10", "masked_ndcg@10")
 
 
 def load_printed_json(path: Path) -> dict:

@@ -182,9 +182,7 @@ class RunSection:
     max_failures: int = 0
     checkpoints_to_keep: int = 2
     checkpoint_every_steps: int = 0  # also checkpoint every N steps inside an epoch; 0 = per epoch
-    progress_every_s: float = (
-        60.0  # rank 0 prints a step / ETA line this often in an epoch; 0 = off
-    )
+    progress_every_s: float = 60.0  # rank 0's in-epoch step / ETA line every N s; 0 = off
     # custom Ray resources each worker also requests, e.g. {"trainer_slot": 1} with one slot per
     # node places one worker per node; the names must match the nodes' `--resources`
     worker_resources: dict[str, float] = field(default_factory=dict)
