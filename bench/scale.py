@@ -86,42 +86,44 @@ def child(args: argparse.Namespace) -> None:
     }
     row["disk_bytes_per_interaction"] = round(disk / row["interactions"], 2)
     if args.feed_only:
-        row |= feed_row(prepared, info)
+        row |= feed_row(prepared, info, args.head)
     else:
-        row |= train_row(prepared, info, work, args.steps)
+        row |= train_row(prepared, info, work, args.steps, args.head)
     ray.shutdown()
     print("ROW " + json.dumps(row), flush=True)
 
 
-def feed_row(prepared: str, info: dict) -> dict:
-    import numpy as np
+def feed_row(prepared: str, info: dict, head_rows: int) -> dict:
     import ray
 
-    from fearec_dist.data.epochs import start_planner
-    from fearec_dist.data.feed import shard_batches
+    from fearec_dist.data.epochs import head_fraction, start_planner
+    from fearec_dist.data.feed import TrainFeed
 
     params = dict(prepared_uri=prepared, max_seq_len=50, seed=1, pair=True,
                   n_examples=info["n_train"])  # fmt: skip
-    planner = start_planner(params, 2)
+    head = head_fraction(head_rows, info["n_train"])
+    planner = start_planner(params, 2, 1, head=head, ahead=False)
+    steps = (info["n_train"] // 2 - (1 if head else 0)) // 128
     t0 = time.time()
     with PeakRSS() as peak:
 
         @ray.remote(num_cpus=0.5)
-        def consume(rank: int) -> int:
-            shard, rows, _, _ = ray.get(planner.shard.remote(0, rank, False))
-            blocks = shard.iter_batches(batch_size=None, batch_format="pyarrow")
-            steps = rows // 128
-            rng = np.random.default_rng(rank)
-            n = 0
-            for b in shard_batches(blocks, batch_size=128, steps=steps, buffer_size=65536, rng=rng):
+        def consume(rank: int) -> tuple[int, float]:
+            feed = TrainFeed(planner, rank=rank, batch_size=128, steps=steps, seed=1,
+                             shuffle_buffer=65536, prefetch_blocks=4)  # fmt: skip
+            n, first = 0, None
+            for b in feed.epoch(0):
+                first = first or time.time()
                 n += len(b["target"])
-            return n
+            return n, first
 
-        n = sum(ray.get([consume.remote(r) for r in range(2)]))
+        done = ray.get([consume.remote(r) for r in range(2)])
     wall = time.time() - t0
+    n = sum(d[0] for d in done)
     return {
         "mode": "feed",
         "feed_examples": n,
+        "feed_first_batch_s": round(max(d[1] for d in done) - t0, 1),
         "feed_wall_s": round(wall, 1),
         "feed_cpu_s": round(peak.cpu_seconds, 1),
         "feed_examples_per_cpu_s": round(n / max(peak.cpu_seconds, 1e-9), 1),
@@ -129,8 +131,10 @@ def feed_row(prepared: str, info: dict) -> dict:
     }
 
 
-def train_row(prepared: str, info: dict, work: Path, steps: int) -> dict:
+def train_row(prepared: str, info: dict, work: Path, steps: int, head_rows: int) -> dict:
     import csv
+
+    import ray
 
     from fearec_dist.config import load_config
     from fearec_dist.data.datasets import build_datasets
@@ -145,6 +149,7 @@ def train_row(prepared: str, info: dict, work: Path, steps: int) -> dict:
             "train.batch_size=128",
             f"train.max_steps_per_epoch={steps}",
             "train.evaluate=false",
+            f"train.first_epoch_head={head_rows}",
             "run.workers=2",
             "run.cpus_per_worker=1",
             f"run.storage_path={work / 'runs'}",
@@ -155,18 +160,36 @@ def train_row(prepared: str, info: dict, work: Path, steps: int) -> dict:
     with PeakRSS(role="RayTrainWorker") as peak:
         t0 = time.time()
         trainer.fit()
+        # with a head, the rest of epoch 1 is still being paired: when is it ready?
+        planner = trainer.train_loop_config["planner"]
+        parts = ray.get(planner.shard.remote(0, 0))["parts"]
+        rest_ready = ray.get(planner.shard.remote(0, 0, parts - 1))
+        rest_ready_s = time.time() - t0
     with open(work / "runs" / "scale" / "metrics.csv") as f:
         r = next(csv.DictReader(f))
     first, last = float(r["first_step_unix"]), float(r["last_step_unix"])
     n_steps = int(float(r["train/steps"]))
     steady_s = max(last - first, 1e-9)
     wait = float(r["data_wait_share"]) * float(r["train_seconds"]) - float(r["plan_wait_s"])
+    samples_per_s = (n_steps - 1) * 256 / steady_s
+    head = {k: int(float(r[k])) for k in ("head_rows", "head_self_paired") if r.get(k)}
+    extra = {}
+    if head:  # an uncapped epoch 1 waits for its rest if the head trains faster than it builds
+        head_train_s = head["head_rows"] / samples_per_s
+        extra = {
+            "rest_ready_s": round(rest_ready_s, 1),
+            "rest_build_s": round(rest_ready["seconds"], 1),
+            "implied_rest_wait_s": round(max(0.0, rest_ready_s - (first - t0) - head_train_s), 1),
+        }
     return {
         "mode": "train",
         "model": "fearec_official",
+        "first_epoch_head": head_rows if head else 0,
+        **head,
+        **extra,
         "steps": n_steps,
         "first_step_s": round(first - t0, 1),
-        "samples_per_s": round((n_steps - 1) * 256 / steady_s, 1),
+        "samples_per_s": round(samples_per_s, 1),
         "data_wait_share": round(max(wait, 0.0) / steady_s, 4),
         "peak_worker_rss_mb": round(peak.peak_role / GB, 1),
         "peak_worker_pss_mb": round(peak.peak_role_pss / GB, 1),
@@ -187,6 +210,8 @@ def main() -> None:
     p.add_argument("--no-feed", action="store_true", help="skip the model-free feed rows")
     p.add_argument("--object-store-gb", help="cap Ray's object store (GiB); beyond it, spill")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per child")
+    head_help = "train.first_epoch_head (0: epoch 1 waits for its whole pairing job)"
+    p.add_argument("--head", type=int, default=65536, help=head_help)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -201,6 +226,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="fearec-scale-") as work:
                 cmd = [sys.executable, __file__, "--child", "--size", size, "--work", work]
                 cmd += ["--steps", str(args.steps)] + (["--feed-only"] if mode == "feed" else [])
+                cmd += ["--head", str(args.head)]
                 cmd += ["--object-store-gb", args.object_store_gb] if args.object_store_gb else []
                 done = subprocess.run(
                     cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout
@@ -215,7 +241,7 @@ def main() -> None:
                     "load_avg_1m": round(os.getloadavg()[0], 2),
                 }
                 print(json.dumps(row), flush=True)
-                key = ("interactions", "mode", "object_store_gb")
+                key = ("interactions", "mode", "object_store_gb", "first_epoch_head")
                 same = [row.get(k, "default") for k in key]
                 rows = [r for r in rows if [r.get(k, "default") for k in key] != same] + [row]
                 RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
@@ -223,10 +249,12 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    keys = ("interactions", "mode", "object_store_gb", "prepare_s", "build_s",
-            "disk_bytes_per_interaction",
-            "first_step_s", "samples_per_s", "data_wait_share", "peak_worker_rss_mb",
-            "peak_worker_pss_mb", "total_pss_mb", "feed_examples_per_cpu_s")  # fmt: skip
+    keys = ("interactions", "mode", "object_store_gb", "first_epoch_head", "prepare_s",
+            "build_s", "disk_bytes_per_interaction",
+            "first_step_s", "samples_per_s", "data_wait_share", "rest_ready_s",
+            "implied_rest_wait_s", "peak_worker_rss_mb",
+            "peak_worker_pss_mb", "total_pss_mb", "feed_first_batch_s",
+            "feed_examples_per_cpu_s")  # fmt: skip
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for r in sorted(rows, key=lambda r: (r["interactions"], r.get("mode", ""))):

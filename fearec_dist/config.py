@@ -94,6 +94,9 @@ class TrainSection:
     gather_negatives: bool = True  # contrastive candidates from all workers (with gradient)
     shuffle_window: int = 65536  # examples in each worker's shuffle buffer (bounds its memory)
     prefetch_blocks: int = 4  # blocks of the epoch stream each worker fetches ahead
+    # epoch 1 starts on a head of N examples (a seeded sample of users, paired among themselves)
+    # while the rest is paired whole; only when the training set is >= 8 N; 0 = off
+    first_epoch_head: int = 65536
     valid_users: int = 0  # validate each epoch on a fixed seeded sample of N users; 0 = all
     evaluate: bool = True  # false: no validation or test at all (production retrains, benches)
     torch_threads: int = 0  # 0 = cpus_per_worker rounded up
@@ -123,6 +126,8 @@ class TrainSection:
                 f"hold at least one batch ({self.batch_size}); 0 (a worker's whole shard) is "
                 "gone since the feed streams: use e.g. 65536"
             )
+        if self.first_epoch_head < 0:
+            raise ConfigError(f"train.first_epoch_head: must be >= 0, got {self.first_epoch_head}")
         if self.valid_users < 0:
             raise ConfigError(f"train.valid_users: must be >= 0, got {self.valid_users}")
         if self.lr <= 0:

@@ -80,8 +80,9 @@ def build_datasets(cfg: ExperimentConfig, info: dict[str, Any]) -> dict[str, Any
 
 
 def start_feed(cfg: ExperimentConfig, info: dict[str, Any], world: int, needs_partner: bool) -> Any:
-    """The run's ``EpochPlanner`` actor for ``world`` ranks (see ``data/epochs.py``)."""
-    from fearec_dist.data.epochs import start_planner
+    """The run's ``EpochPlanner`` actor for ``world`` ranks (see ``data/epochs.py``); with a
+    first-epoch head (``train.first_epoch_head``) when the training set is large enough."""
+    from fearec_dist.data.epochs import head_fraction, start_planner
 
     params = {
         "prepared_uri": info["prepared_uri"],
@@ -93,7 +94,9 @@ def start_feed(cfg: ExperimentConfig, info: dict[str, Any], world: int, needs_pa
         "partition_bytes": cfg.data.partition_mb << 20,
         "storage": cfg.storage,
     }
-    return start_planner(params, world, cfg.train.epochs)
+    head = head_fraction(cfg.train.first_epoch_head, info["n_train"])
+    counts = f"{info['uri']}/item_counts.parquet" if head and needs_partner else None
+    return start_planner(params, world, cfg.train.epochs, head=head, counts_uri=counts)
 
 
 def eval_shards(datasets: dict[str, Any], world: int) -> dict[str, list[Any]]:

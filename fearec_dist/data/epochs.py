@@ -89,13 +89,49 @@ def draw_partners(target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return partner
 
 
-class TrainRows:
-    """Ray Data UDF: a batch of user sequences -> their training examples (pyarrow)."""
+HEAD_MIN_RATIO = 8  # a head is used only when the training set holds 8x its size or more
 
-    def __init__(self, max_seq_len: int) -> None:
-        self.max_seq_len = max_seq_len
+
+def head_fraction(head_rows: int, n_train: int) -> float:
+    """The share of users in epoch 1's head (``train.first_epoch_head`` examples out of
+    ``n_train``), or 0.0 when there is no head (off, or the epoch is small enough to build whole
+    before the first step)."""
+    if head_rows <= 0 or n_train < HEAD_MIN_RATIO * head_rows:
+        return 0.0
+    return head_rows / n_train
+
+
+def in_head(users: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Whether each user is in the head: a seeded hash of the user id below ``fraction``
+    (splitmix64, so the head is a uniform sample of users, whatever order ids were given in)."""
+    if fraction <= 0.0:
+        return np.zeros(len(users), dtype=bool)
+    salt = np.uint64(np.random.default_rng([seed, 31]).integers(2**63))
+    with np.errstate(over="ignore"):
+        x = users.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + salt
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53 < fraction
+
+
+class TrainRows:
+    """Ray Data UDF: a batch of user sequences -> their training examples (pyarrow).
+
+    ``keep``: None (every user), ``("head", fraction, seed)`` (only the head's users) or
+    ``("rest", fraction, seed)`` (every user but the head's).
+    """
+
+    def __init__(self, max_seq_len: int, keep: tuple[str, float, int] | None = None) -> None:
+        self.max_seq_len, self.keep = max_seq_len, keep
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.keep is not None:
+            which, fraction, seed = self.keep
+            head = in_head(batch.column("user").to_numpy(), fraction, seed)
+            batch = batch.filter(pa.array(head if which == "head" else ~head))
         offsets, items, users = sequences_csr(batch)
         train = build_loo_examples(offsets, items, users, self.max_seq_len, splits=("train",))
         train = train["train"]
@@ -111,13 +147,21 @@ class TrainRows:
 
 
 def pair_and_scatter(
-    table: pa.Table, seed: int, epoch: int, pair: bool, block_rows: int, partner_ids: bool = False
+    table: pa.Table,
+    seed: int,
+    epoch: int,
+    pair: bool,
+    block_rows: int,
+    partner_ids: bool = False,
+    drop_head: tuple[float, int] | None = None,
 ) -> Iterator[pa.Table]:
     """One whole partition -> paired, permuted chunks of ``block_rows`` rows.
 
     Rows are first put in a canonical order (target, user, position), so the output depends only
     on the partition's content, never on the order the shuffle delivered it in.
     ``partner_ids`` adds ``pos_user``/``pos_pos`` (the partner's user and position: for tests).
+    ``drop_head=(fraction, seed)``: the head's rows are partner candidates like every other row
+    but are not emitted (they were trained in the epoch's head).
     """
     n = table.num_rows
     if n == 0:
@@ -140,7 +184,9 @@ def pair_and_scatter(
         if partner_ids:
             cols["pos"], cols["pos_user"], cols["pos_pos"] = pos, user[partner], pos[partner]
     perm = rng.permutation(n)
-    for lo in range(0, n, block_rows):
+    if drop_head is not None:
+        perm = perm[~in_head(user[perm], *drop_head)]
+    for lo in range(0, len(perm), block_rows):
         idx = perm[lo : lo + block_rows]
         yield pa.table(
             {k: fixed_list(v[idx]) if v.ndim == 2 else pa.array(v[idx]) for k, v in cols.items()}
@@ -150,8 +196,16 @@ def pair_and_scatter(
 class PairAndScatter:
     """Ray Data UDF over whole partitions (``batch_size=None``); see ``pair_and_scatter``."""
 
-    def __init__(self, seed: int, epoch: int, pair: bool, block_rows: int, ids: bool) -> None:
-        self.args = (seed, epoch, pair, block_rows, ids)
+    def __init__(
+        self,
+        seed: int,
+        epoch: int,
+        pair: bool,
+        block_rows: int,
+        ids: bool,
+        drop_head: tuple[float, int] | None = None,
+    ) -> None:
+        self.args = (seed, epoch, pair, block_rows, ids, drop_head)
 
     def __call__(self, table: pa.Table) -> Iterator[pa.Table]:
         yield from pair_and_scatter(table, *self.args)
@@ -161,6 +215,9 @@ def n_partitions(n_examples: int, max_seq_len: int, partition_bytes: int, minimu
     """Hash partitions for the pairing shuffle: each at most ``partition_bytes`` of examples."""
     per_example = (max_seq_len + 4) * 4
     return max(minimum, -(-n_examples * per_example // max(partition_bytes, 1)))
+
+
+PARTS = ("all", "head", "rest")
 
 
 def epoch_dataset(
@@ -175,10 +232,26 @@ def epoch_dataset(
     partition_bytes: int = 64 << 20,
     storage: StorageSection | None = None,
     partner_ids: bool = False,
+    part: str = "all",
+    head: float = 0.0,
 ) -> Any:
-    """The Ray dataset of epoch ``epoch``'s training examples (lazy; see the module docstring)."""
+    """The Ray dataset of epoch ``epoch``'s training examples (lazy; see the module docstring).
+
+    ``part``: ``"all"`` (every example), ``"head"`` (the examples of the share ``head`` of users
+    picked by ``in_head``, paired among themselves) or ``"rest"`` (every other example, paired
+    over the whole training set, the head's examples included as candidates).
+    """
+    if part not in PARTS:
+        raise ValueError(f"part: {part!r} is not one of {PARTS}")
+    keep, drop = None, None
+    if part == "head":
+        keep, n_examples = ("head", head, seed), max(1, round(head * n_examples))
+    elif part == "rest" and pair:
+        drop = (head, seed)  # every example is a candidate; the head's are not emitted
+    elif part == "rest":
+        keep = ("rest", head, seed)
     ds = sequences_dataset(prepared_uri, storage)
-    ds = ds.map_batches(TrainRows(max_seq_len), batch_format="pyarrow",
+    ds = ds.map_batches(TrainRows(max_seq_len, keep), batch_format="pyarrow",
                         batch_size=USERS_PER_BATCH, num_cpus=DATA_TASK_CPUS)  # fmt: skip
     parts = n_partitions(n_examples, max_seq_len, partition_bytes, minimum=1)
     if pair and parts == 1:  # it all fits one partition: gather it without a hash shuffle
@@ -188,7 +261,7 @@ def epoch_dataset(
         # target group reaches PairAndScatter whole; it sorts the rows itself
         ds = ds.repartition(parts, keys=["target"], sort=False)
     ds = ds.map_batches(
-        PairAndScatter(seed, epoch, pair, block_rows, partner_ids),
+        PairAndScatter(seed, epoch, pair, block_rows, partner_ids, drop),
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=DATA_TASK_CPUS,
@@ -196,21 +269,19 @@ def epoch_dataset(
     # Ray Data coalesces a task's outputs into blocks of up to 128 MiB: cut them back into
     # chunks (a streaming repartition, no shuffle) so that the block order can be randomised
     ds = ds.repartition(target_num_rows_per_block=block_rows)
+    salt = [] if part == "all" else [PARTS.index(part)]  # "all" keeps its seed from before heads
     return ds.randomize_block_order(
-        seed=int(np.random.default_rng([seed, epoch, 29]).integers(2**31))
+        seed=int(np.random.default_rng([seed, epoch, 29, *salt]).integers(2**31))
     )
 
 
 class EpochPlan:
-    """One epoch's data, split into equal contiguous row ranges, one per rank."""
+    """One part of an epoch's data, split into equal contiguous row ranges, one per rank."""
 
     def __init__(self, shards: list[Any], rows_per_rank: int, dropped: int, seconds: float):
-        self.shards, self.rows_per_rank, self.dropped, self.seconds = (
-            shards,
-            rows_per_rank,
-            dropped,
-            seconds,
-        )
+        self.shards, self.rows_per_rank, self.dropped = shards, rows_per_rank, dropped
+        self.seconds = seconds
+        self.stats: dict[str, int] = {}
 
 
 def plan_epoch(ds: Any, world: int) -> EpochPlan:
@@ -221,6 +292,27 @@ def plan_epoch(ds: Any, world: int) -> EpochPlan:
     q = n // world
     parts = done.split_at_indices([q * (r + 1) for r in range(world)])
     return EpochPlan(parts[:world], q, n - q * world, time.perf_counter() - t0)
+
+
+def head_stats(plan: EpochPlan, counts: np.ndarray | None, pair: bool) -> dict[str, int]:
+    """The head's rows and users, and (models with a partner) ``head_self_paired``: its rows
+    whose target has no other member among the head's rows although it has in the whole
+    training set (``counts``: training examples per target), so they pair with themselves."""
+    cols: dict[str, list[np.ndarray]] = {"target": [], "user": []}
+    for shard in plan.shards:
+        for b in shard.select_columns(["target", "user"]).iter_batches(
+            batch_size=None, batch_format="numpy"
+        ):
+            cols["target"].append(b["target"]), cols["user"].append(b["user"])
+    target = np.concatenate(cols["target"]) if cols["target"] else np.zeros(0, np.int64)
+    users = np.concatenate(cols["user"]) if cols["user"] else np.zeros(0, np.int64)
+    stats = {"head_rows": len(target) + plan.dropped, "head_users": len(np.unique(users))}
+    if pair and counts is not None:
+        # the dropped rows (fewer than one per rank) are not looked at: a lower bound by < W
+        ids, n = np.unique(target, return_counts=True)
+        alone = ids[(n == 1) & (counts[ids] > 1)]
+        stats["head_self_paired"] = int(np.isin(target, alone).sum())
+    return stats
 
 
 class PlanError(RuntimeError):
@@ -238,15 +330,44 @@ def plan_error(epoch: int, cause: BaseException) -> PlanError:
 
 
 class EpochPlannerImpl:
-    """Builds epoch datasets on request and the next one ahead (the actor's body)."""
+    """Builds epoch datasets on request and the next one ahead (the actor's body).
 
-    def __init__(self, params: dict[str, Any], world: int, epochs: int | None = None) -> None:
+    An epoch is one part (``"all"``), or, for the first epoch when ``head > 0``, two: ``"head"``
+    (a seeded ``head`` share of users, built first and small) and ``"rest"``. Ranks ask for
+    part ``i`` of epoch ``e`` with ``shard(e, rank, i)``.
+    """
+
+    def __init__(
+        self,
+        params: dict[str, Any],
+        world: int,
+        epochs: int | None = None,
+        *,
+        head: float = 0.0,
+        counts_uri: str | None = None,
+        ahead: bool = True,
+    ) -> None:
         self.epochs = epochs  # the run's epoch count: nothing is built ahead past the last
-        self.params, self.world = params, world
-        self.plans: dict[int, EpochPlan] = {}
-        self.errors: dict[int, BaseException] = {}
-        self.building: dict[int, threading.Event] = {}
+        self.params, self.world, self.head, self.ahead = params, world, head, ahead
+        self.counts_uri = counts_uri
+        self.plans: dict[tuple[int, int], EpochPlan] = {}
+        self.errors: dict[tuple[int, int], BaseException] = {}
+        self.building: dict[int, list[threading.Event]] = {}
+        self.requested = -1  # the latest epoch a rank asked for
         self.lock = threading.Lock()
+
+    def parts(self, epoch: int) -> tuple[str, ...]:
+        return ("head", "rest") if epoch == 0 and self.head > 0 else ("all",)
+
+    def _counts(self) -> np.ndarray | None:
+        if self.counts_uri is None:
+            return None
+        import pyarrow.parquet as pq
+
+        from fearec_dist.storage import resolve
+
+        fs, path = resolve(self.counts_uri, self.params.get("storage"))
+        return pq.read_table(path, filesystem=fs).column("count").to_numpy()
 
     def _build(self, epoch: int) -> None:
         from ray.data import DataContext
@@ -254,45 +375,77 @@ class EpochPlannerImpl:
         ctx = DataContext.get_current()  # per thread: set it in the thread that executes
         ctx.execution_options.preserve_order = True  # block order = plan order, not timing
         ctx.enable_progress_bars = False
-        try:
-            ds = epoch_dataset(epoch=epoch, **self.params)
-            self.plans[epoch] = plan_epoch(ds, self.world)
-        except BaseException as err:  # handed to the ranks that ask for this epoch
-            self.errors[epoch] = plan_error(epoch, err)
-        finally:
-            self.building[epoch].set()
+        events, failed = self.building[epoch], None
+        for i, part in enumerate(self.parts(epoch)):
+            try:
+                if failed is not None:
+                    raise failed
+                ds = epoch_dataset(epoch=epoch, part=part, head=self.head, **self.params)
+                plan = plan_epoch(ds, self.world)
+                if part == "head":
+                    plan.stats = head_stats(plan, self._counts(), self.params["pair"])
+                self.plans[(epoch, i)] = plan
+            except BaseException as err:  # handed to the ranks that ask for this epoch
+                failed = err
+                self.errors[(epoch, i)] = plan_error(epoch, err)
+            finally:
+                events[i].set()
+        self._ahead(epoch)
 
-    def _start(self, epoch: int) -> threading.Event:
+    def _start(self, epoch: int) -> list[threading.Event]:
         with self.lock:
             if epoch not in self.building:
-                self.building[epoch] = threading.Event()
+                self.building[epoch] = [threading.Event() for _ in self.parts(epoch)]
                 threading.Thread(target=self._build, args=(epoch,), daemon=True).start()
             return self.building[epoch]
 
-    def shard(
-        self, epoch: int, rank: int, prefetch_next: bool = True
-    ) -> tuple[Any, int, int, float]:
-        """(rank's dataset, rows per rank, rows dropped this epoch, seconds to build)."""
-        self._start(epoch).wait()
-        # the next epoch starts once this one is built: it overlaps this epoch's training, not
-        # this epoch's build (on few CPUs the two builds would only slow each other down)
-        if prefetch_next and (self.epochs is None or epoch + 1 < self.epochs):
-            self._start(epoch + 1)
-        if epoch in self.errors:
-            raise self.errors[epoch]
-        # every rank asks for epoch e only after all ranks finished e - 1 (the epoch's report
-        # is a barrier): older plans free their blocks, this one and the next stay
+    def _ahead(self, epoch: int) -> None:
+        """Starts epoch + 1 once ``epoch`` is built and asked for: it overlaps this epoch's
+        training, not its build (on few CPUs two builds only slow each other down), and at most
+        two epochs are alive."""
+        last = self.epochs is None or epoch + 1 < self.epochs
         with self.lock:
-            for old in [e for e in self.plans if e < epoch]:
-                del self.plans[old]
-                self.building.pop(old, None)
-        plan = self.plans[epoch]
-        return plan.shards[rank], plan.rows_per_rank, plan.dropped, plan.seconds
+            built = epoch in self.building and all(e.is_set() for e in self.building[epoch])
+        if self.ahead and last and built and epoch <= self.requested:
+            self._start(epoch + 1)
+
+    def shard(self, epoch: int, rank: int, part: int = 0) -> dict[str, Any]:
+        """Part ``part`` of ``epoch`` for ``rank``: ``shard`` (its dataset), ``rows`` (rows per
+        rank), ``dropped`` (rows of the part no rank gets), ``seconds`` (to build it),
+        ``parts`` (the epoch's part count), ``name`` and ``stats``."""
+        with self.lock:
+            self.requested = max(self.requested, epoch)
+        events = self._start(epoch)
+        events[part].wait()
+        self._ahead(epoch)
+        if (epoch, part) in self.errors:
+            raise self.errors[(epoch, part)]
+        if part == 0:
+            # every rank asks for epoch e only after all ranks finished e - 1 (the epoch's
+            # report is a barrier): older plans free their blocks, this one and the next stay
+            with self.lock:
+                for old in [k for k in self.plans if k[0] < epoch]:
+                    del self.plans[old]
+                for old in [e for e in self.building if e < epoch]:
+                    del self.building[old]
+        plan = self.plans[(epoch, part)]
+        return {
+            "shard": plan.shards[rank],
+            "rows": plan.rows_per_rank,
+            "dropped": plan.dropped,
+            "seconds": plan.seconds,
+            "parts": len(events),
+            "name": self.parts(epoch)[part],
+            "stats": plan.stats,
+        }
 
 
-def start_planner(params: dict[str, Any], world: int, epochs: int | None = None) -> Any:
-    """The run's ``EpochPlanner`` actor (0 CPUs: Ray Data's tasks ask for their own)."""
+def start_planner(
+    params: dict[str, Any], world: int, epochs: int | None = None, **options: Any
+) -> Any:
+    """The run's ``EpochPlanner`` actor (0 CPUs: Ray Data's tasks ask for their own);
+    ``options``: ``head``, ``counts_uri``, ``ahead`` (see ``EpochPlannerImpl``)."""
     import ray
 
     actor = ray.remote(num_cpus=0, max_concurrency=8)(EpochPlannerImpl)
-    return actor.remote(params, world, epochs)
+    return actor.remote(params, world, epochs, **options)

@@ -165,28 +165,44 @@ class TrainFeed:
         self.wait_s = self.plan_wait_s = 0.0  # all waits for data / the epoch's plan alone
         self.padded = self.skipped = 0
         self.plan_seconds = 0.0
+        self.head: dict[str, int] = {}  # the epoch's head (rows, users, self-paired), if any
 
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Yields batches ``skip .. steps - 1`` of ``epoch`` (numpy dicts)."""
+    def _part(self, epoch: int, part: int) -> dict[str, Any]:
         import ray
 
+        got = ray.get(self.planner.shard.remote(epoch, self.rank, part))
+        got["shard"].context.execution_options.preserve_order = True
+        return got
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Yields batches ``skip .. steps - 1`` of ``epoch`` (numpy dicts).
+
+        The epoch's parts (one, or the first epoch's head and rest) stream one after the other
+        into the same shuffle buffer; waiting for a later part counts as data wait."""
         t0 = time.perf_counter()
-        shard, rows, _, self.plan_seconds = ray.get(self.planner.shard.remote(epoch, self.rank))
+        first = self._part(epoch, 0)
         self.plan_wait_s = self.wait_s = time.perf_counter() - t0
-        self.padded = 0
-        if rows < self.steps * self.batch_size:
+        self.plan_seconds, self.padded = first["seconds"], 0
+        self.head = dict(first["stats"]) if first["name"] == "head" else {}
+        if first["parts"] == 1 and first["rows"] < self.steps * self.batch_size:
             raise RuntimeError(
-                f"rank {self.rank}: epoch {epoch} has {rows} examples per rank, fewer than "
-                f"{self.steps} steps x batch {self.batch_size}; use fewer workers"
+                f"rank {self.rank}: epoch {epoch} has {first['rows']} examples per rank, fewer "
+                f"than {self.steps} steps x batch {self.batch_size}; use fewer workers"
             )
-        shard.context.execution_options.preserve_order = True
-        blocks = shard.iter_batches(
-            batch_size=None, batch_format="pyarrow", prefetch_batches=self.prefetch_blocks
-        )
+
+        def blocks() -> Iterator[pa.Table]:
+            for i in range(first["parts"]):
+                got = first if i == 0 else self._part(epoch, i)
+                if i:
+                    self.plan_seconds += got["seconds"]
+                yield from got["shard"].iter_batches(
+                    batch_size=None, batch_format="pyarrow", prefetch_batches=self.prefetch_blocks
+                )
+
         stats: dict[str, float] = {}
         rng = np.random.default_rng([self.seed, epoch, self.rank, 23])
         yield from shard_batches(
-            blocks,
+            blocks(),
             batch_size=self.batch_size,
             steps=self.steps,
             buffer_size=self.shuffle_buffer,

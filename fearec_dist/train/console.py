@@ -71,6 +71,20 @@ def print_epoch(row: dict[str, Any], metric: str, epochs: int, valid_on: str = "
     say("[fearec-dist] " + " | ".join(parts))
 
 
+def head_line(head: dict[str, int], epoch: int) -> str:
+    """Epoch ``epoch`` (0-based) starts on a head: what it holds and what it approximates."""
+    text = (
+        f"[fearec-dist] epoch {epoch + 1} starts on a head of {head['head_rows']:,} examples "
+        f"({head['head_users']:,} users sampled by seed) while the rest of the epoch is built"
+    )
+    if "head_self_paired" in head:
+        text += (
+            f"; head partners are drawn within the head: {head['head_self_paired']:,} rows pair "
+            "with themselves although their target has other members in the training set"
+        )
+    return text
+
+
 class StepProgress:
     """``epoch e/E step s/S (p%) | loss … | … samples/s | ETA …`` every ``every_s`` seconds of
     an epoch (an epoch at 10^8 examples is hours long; the epoch line comes only at its end).

@@ -28,6 +28,7 @@ from fearec_dist.data.feed import TrainFeed
 from fearec_dist.train import checkpoint as ckpt
 from fearec_dist.train.console import (
     StepProgress,
+    head_line,
     print_epoch,
     print_start,
     quiet_ray_train_console,
@@ -75,6 +76,8 @@ def train_one_epoch(
     start = time.perf_counter() - partial.get("seconds", 0.0)
     first_step = last_step = math.nan  # wall clock of this call's first and last step
     for batch_np in feed.epoch(epoch, skip=steps):
+        if feed.head and feed.rank == 0 and math.isnan(first_step):
+            say(head_line(feed.head, epoch))
         kill_if_asked(epoch, steps, feed.rank)
         batch = to_device(batch_np, device)
         candidates = softmax.at_step(epoch, steps) if softmax is not None else None
@@ -106,6 +109,8 @@ def train_one_epoch(
         "last_step_unix": last_step,
         "padded": feed.padded,
         "skipped": feed.skipped,
+        "plan_seconds": feed.plan_seconds,
+        **feed.head,  # head_rows, head_users, head_self_paired: the first epoch's head, if any
     }
 
 
@@ -123,8 +128,13 @@ def build_feed(cfg: ExperimentConfig, info: dict[str, Any], planner: Any) -> Tra
     number of steps per epoch on every rank."""
     import ray.train
 
+    from fearec_dist.data.epochs import head_fraction
+
     ctx, t = ray.train.get_context(), cfg.train
-    steps = max(1, info["n_train"] // (t.batch_size * ctx.get_world_size()))
+    per_rank = info["n_train"] // ctx.get_world_size()
+    # a first epoch in two parts (head, rest) gives each rank at most one row less
+    per_rank -= 1 if head_fraction(t.first_epoch_head, info["n_train"]) else 0
+    steps = max(1, per_rank // t.batch_size)
     return TrainFeed(
         planner,
         rank=ctx.get_world_rank(),

@@ -66,6 +66,8 @@ def epoch_row(epoch: int, stats: dict[str, Any], world: int) -> dict[str, Any]:
         stats["last_step_unix"],
     )
     row["padded"], row["skipped"] = stats["padded"], stats["skipped"]
+    row["plan_seconds"] = round(stats.get("plan_seconds", 0.0), 2)  # building the epoch's parts
+    row |= {k: v for k, v in stats.items() if k.startswith("head_")}
     return row
 
 

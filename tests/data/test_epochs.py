@@ -213,7 +213,9 @@ def test_epoch_plan_pairs_across_files_and_is_the_same_in_every_run(ray_session,
     def collect(planner, epoch: int) -> list[dict[str, np.ndarray]]:
         out = []
         for rank in range(2):
-            ds, q, dropped, _ = ray.get(planner.shard.remote(epoch, rank, False), timeout=300)
+            got = ray.get(planner.shard.remote(epoch, rank), timeout=300)
+            ds, q, dropped = got["shard"], got["rows"], got["dropped"]
+            assert got["parts"] == 1 and got["name"] == "all"
             rows = [
                 table_to_rows(b) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")
             ]
@@ -221,7 +223,7 @@ def test_epoch_plan_pairs_across_files_and_is_the_same_in_every_run(ray_session,
             assert len(out[-1]["target"]) == q and 2 * q + dropped == n
         return out
 
-    first, second = start_planner(params, 2), start_planner(params, 2)
+    first, second = start_planner(params, 2, ahead=False), start_planner(params, 2, ahead=False)
     a, b, c = collect(first, 0), collect(second, 0), collect(first, 1)
     for r in range(2):
         for k in a[r]:
@@ -249,8 +251,169 @@ def test_a_failed_epoch_build_reaches_the_rank_as_a_plain_error_naming_the_cause
     (tmp_path / "sequences").mkdir()
     (tmp_path / "sequences" / "part-0.parquet").write_bytes(b"not parquet at all")
     params = dict(prepared_uri=str(tmp_path), max_seq_len=8, seed=1, pair=True, n_examples=10)
-    planner = start_planner(params, 1)
+    planner = start_planner(params, 1, ahead=False)
     with pytest.raises(PlanError, match=r"building epoch 1's training data failed") as err:
-        ray.get(planner.shard.remote(0, 0, False), timeout=300)
+        ray.get(planner.shard.remote(0, 0), timeout=300)
     assert "part-0.parquet" in str(err.value) or "Parquet" in str(err.value)
+    ray.kill(planner)
+
+
+# --- the first epoch's head: a seeded share of users trained while the rest is paired whole ---
+
+
+def test_head_is_a_seeded_uniform_share_of_users_and_only_for_large_epochs() -> None:
+    from fearec_dist.data.epochs import head_fraction, in_head
+
+    users = np.arange(1, 200_001, dtype=np.int32)
+    head = in_head(users, 0.1, seed=5)
+    assert abs(head.mean() - 0.1) < 4 * (0.1 * 0.9 / len(users)) ** 0.5
+    assert (head == in_head(users, 0.1, seed=5)).all()  # a function of the seed
+    assert (head != in_head(users, 0.1, seed=6)).sum() > 10_000
+    assert not (in_head(users, 0.05, seed=5) & ~head).any()  # a smaller head is inside it
+    # users in id order are not taken in blocks: the head's ids spread over the whole range
+    assert abs(np.median(users[head]) - 100_000) < 5_000
+    assert not in_head(users, 0.0, seed=5).any()
+    assert head_fraction(1000, 8000) == 1000 / 8000
+    assert head_fraction(1000, 7999) == 0.0 and head_fraction(0, 10**9) == 0.0
+
+
+def test_head_and_rest_split_the_training_examples_exactly_once() -> None:
+    seqs = _sequences(400, 30, 6)
+    keys = {}
+    for keep in (None, ("head", 0.3, 9), ("rest", 0.3, 9)):
+        rows = table_to_rows(TrainRows(8, keep)(seqs))
+        keys[keep[0] if keep else "all"] = set(zip(rows["user"].tolist(), rows["pos"].tolist()))
+    assert keys["head"] and keys["rest"] and not keys["head"] & keys["rest"]
+    assert keys["head"] | keys["rest"] == keys["all"]
+
+
+def test_rest_rows_pair_over_the_whole_set_head_included_uniformly() -> None:
+    """The rest of the first epoch: every example (head included) is a partner candidate; only
+    the rest's rows are emitted; over many epochs a rest row's partners are uniform over all
+    the other members of its target group."""
+    from fearec_dist.data.epochs import in_head
+
+    table = _examples(n_users=40, n_items=30, seed=2)
+    users = table.column("user").to_numpy()
+    head = (0.4, 3)
+    draws: dict[tuple, list] = defaultdict(list)
+    from_head = 0
+    for epoch in range(300):
+        chunks = [table_to_rows(c) for c in pair_and_scatter(table, 3, epoch, True, 50, True,
+                                                             drop_head=head)]  # fmt: skip
+        out = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        assert not in_head(out["user"], *head).any()
+        assert len(out["user"]) == (~in_head(users, *head)).sum()
+        from_head += in_head(out["pos_user"], *head).sum()
+        for u, p, pu, pp in zip(out["user"], out["pos"], out["pos_user"], out["pos_pos"]):
+            draws[(int(u), int(p))].append((int(pu), int(pp)))
+    groups: dict[int, list] = defaultdict(list)
+    for u, p, t in zip(users, table.column("pos").to_numpy(), table.column("target").to_numpy()):
+        groups[int(t)].append((int(u), int(p)))
+    members = {ex: g for g in groups.values() for ex in g}
+    assert from_head > 0  # partners do come from the head's users
+    stat, dof = _chi_square_uniform(draws, members)
+    assert dof > 50
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / (2 / (9 * dof)) ** 0.5
+    assert z < 3.1, (stat, dof, z)
+
+
+def _head_params(tmp_path) -> tuple[dict, int, pa.Table]:
+    seqs = _sequences(300, 150, 4)  # ~8 examples per target: some alone among the head's
+    (tmp_path / "sequences").mkdir()
+    for i in range(3):
+        pq.write_table(seqs.slice(i * 100, 100), tmp_path / "sequences" / f"part-{i}.parquet")
+    n = TrainRows(8)(seqs).num_rows
+    counts = np.bincount(TrainRows(8)(seqs).column("target").to_numpy(), minlength=151)
+    pq.write_table(pa.table({"count": pa.array(counts)}), tmp_path / "counts.parquet")
+    params = dict(prepared_uri=str(tmp_path), max_seq_len=8, seed=11, pair=True, n_examples=n,
+                  block_rows=32, partition_bytes=16_000, partner_ids=True)  # fmt: skip
+    return params, n, seqs
+
+
+@pytest.mark.slow
+def test_first_epoch_head_then_rest_cover_the_epoch_and_later_epochs_are_whole(
+    ray_session, tmp_path
+):
+    """Epoch 1 in two parts: the head (a seeded share of users, paired among themselves) and
+    the rest (paired over every example); together, over both ranks, every training example
+    once but for the rows no rank gets; the same in every run; epoch 2 is one part."""
+    import ray
+
+    from fearec_dist.data.epochs import in_head
+
+    params, n, _ = _head_params(tmp_path)
+    opts = dict(head=0.25, counts_uri=str(tmp_path / "counts.parquet"), ahead=False)
+
+    def collect(planner, epoch: int) -> tuple[list[dict], list[dict[str, np.ndarray]]]:
+        meta, rows = [], []
+        for part in range(2 if epoch == 0 else 1):
+            for rank in range(2):
+                got = ray.get(planner.shard.remote(epoch, rank, part), timeout=300)
+                meta.append({k: got[k] for k in ("rows", "dropped", "parts", "name", "stats")})
+                t = [table_to_rows(b) for b in got["shard"].iter_batches(
+                    batch_size=None, batch_format="pyarrow")]  # fmt: skip
+                rows.append({k: np.concatenate([r[k] for r in t]) for k in t[0]})
+                assert len(rows[-1]["target"]) == got["rows"]
+        return meta, rows
+
+    first, second = start_planner(params, 2, 3, **opts), start_planner(params, 2, 3, **opts)
+    meta, rows = collect(first, 0)
+    assert [m["name"] for m in meta] == ["head", "head", "rest", "rest"]
+    assert all(m["parts"] == 2 for m in meta)
+    head = {k: np.concatenate([rows[0][k], rows[1][k]]) for k in rows[0]}
+    rest = {k: np.concatenate([rows[2][k], rows[3][k]]) for k in rows[2]}
+    assert in_head(head["user"], 0.25, 11).all() and not in_head(rest["user"], 0.25, 11).any()
+    assert in_head(head["pos_user"], 0.25, 11).all()  # the head pairs among itself
+    assert in_head(rest["pos_user"], 0.25, 11).any()  # the rest pairs with the head too
+    seen = list(zip(head["user"], head["pos"])) + list(zip(rest["user"], rest["pos"]))
+    dropped = meta[0]["dropped"] + meta[2]["dropped"]
+    assert len(set(seen)) == len(seen) == n - dropped
+    # the head's stats: its rows and users, and the rows alone in the head but not globally
+    stats = meta[0]["stats"]
+    assert stats["head_rows"] == len(head["target"]) + meta[0]["dropped"]
+    assert stats["head_users"] == len(np.unique(head["user"]))
+    counts = pq.read_table(tmp_path / "counts.parquet").column("count").to_numpy()
+    ids, k = np.unique(head["target"], return_counts=True)
+    alone = ids[(k == 1) & (counts[ids] > 1)]
+    assert stats["head_self_paired"] == np.isin(head["target"], alone).sum() > 0
+    self_paired = (head["pos_user"] == head["user"]) & (head["pos_pos"] == head["pos"])
+    assert self_paired.sum() >= stats["head_self_paired"]
+    # the same in every run; epoch 2 is whole
+    _, again = collect(second, 0)
+    for a, b in zip(rows, again):
+        for key in a:
+            assert (a[key] == b[key]).all(), key
+    meta2, rows2 = collect(first, 1)
+    assert [m["name"] for m in meta2] == ["all", "all"]
+    assert sum(len(r["target"]) for r in rows2) + meta2[0]["dropped"] == n
+    ray.kill(first), ray.kill(second)
+
+
+@pytest.mark.slow
+def test_feed_streams_head_then_rest_and_resumes_exactly_on_two_ranks(ray_session, tmp_path):
+    """Each rank's batches run through the head into the rest; a rank resumed at step k (in the
+    head or in the rest) yields exactly the batches k.. of the uncut epoch."""
+    from fearec_dist.data.epochs import in_head
+    from fearec_dist.data.feed import TrainFeed
+
+    params, n, _ = _head_params(tmp_path)
+    planner = start_planner(params, 2, 2, head=0.25, ahead=False)
+    steps = (n // 2 - 1) // 16
+    for rank in range(2):
+        feed = TrainFeed(planner, rank=rank, batch_size=16, steps=steps, seed=11,
+                         shuffle_buffer=48, prefetch_blocks=2)  # fmt: skip
+        full = list(feed.epoch(0))
+        assert len(full) == steps and feed.head["head_rows"] > 0
+        assert "head_self_paired" not in feed.head  # no counts given: not computed
+        heads = [in_head(b["user"], 0.25, 11).mean() for b in full]
+        assert heads[0] == 1.0 and heads[-1] == 0.0  # the head first, then the rest
+        for skip in (2, steps - 5):
+            again = list(feed.epoch(0, skip=skip))
+            assert len(again) == steps - skip
+            for x, y in zip(again, full[skip:]):
+                for key in x:
+                    assert (x[key] == y[key]).all(), (rank, skip, key)
+    import ray
+
     ray.kill(planner)

@@ -47,6 +47,7 @@ def overrides(storage: Path, name: str, every: int = STEPS_PER_CHECKPOINT) -> li
         "train.eval_batch_size=64",
         "train.torch_threads=1",
         "train.shuffle_window=2048",
+        "train.first_epoch_head=512",  # epoch 1 in two parts (head, rest): ~6.4k examples >= 8x
         "train.patience=1",  # early-stopping state must survive the restart too
         "run.workers=2",
         "run.cpus_per_worker=0.5",
@@ -176,6 +177,7 @@ def test_cut_mid_epoch_and_resumed_equals_uncut(ray_session, storage, uncut):
     assert resumed["epochs_run"] == EPOCHS
     rows = metrics_rows(storage / "cut")
     assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[0]["head_rows"]) > 0 and not rows[1].get("head_rows")  # epoch 1's head
     assert rows[1]["resumed_at_step"] == str(steps)  # epoch 2 continued at the step checkpoint
     assert_same_run(storage / "cut", uncut)
     assert json.loads((storage / "cut" / "results.json").read_text())["test"] == pytest.approx(
