@@ -100,8 +100,11 @@ def to_model_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return batch
 
 
+PART_END = None  # in a rank's stream of blocks: the end of one part of the epoch (see below)
+
+
 def shard_batches(
-    blocks: Iterator[pa.Table],
+    blocks: Iterator[pa.Table | None],
     *,
     batch_size: int,
     steps: int,
@@ -113,22 +116,30 @@ def shard_batches(
     """Exactly ``steps - skip`` model batches from a rank's stream of blocks.
 
     The buffer fills to ``buffer_size`` examples, then one batch is drawn per block-sized refill;
-    at the end of the stream it drains. The first ``skip`` draws are made and discarded (resume).
-    ``stats`` (if given) gets ``wait_s`` (time spent waiting for blocks) and ``skipped``.
+    at the end of the stream it drains. A ``PART_END`` in the stream (the end of the first
+    epoch's head) drains the buffer down to less than a batch before the next part is read, so
+    the head trains whole while the rest is still being built. The first ``skip`` draws are made
+    and discarded (resume). ``stats`` (if given) gets ``wait_s`` (time spent waiting for blocks)
+    and ``skipped``.
     """
     stats = stats if stats is not None else {}
     stats.setdefault("wait_s", 0.0)
     buf = ShuffleBuffer(max(buffer_size, batch_size), rng)
     it = iter(blocks)
     produced = 0
-    exhausted = False
+    exhausted = draining = False
     while produced < steps:
         while not exhausted and not buf.full():
+            if draining and buf.n >= batch_size:
+                break  # a part ended: draw from what is in before reading the next part
+            draining = False
             t0 = time.perf_counter()
-            block = next(it, None)
+            block = next(it, False)
             stats["wait_s"] += time.perf_counter() - t0
-            if block is None:
+            if block is False:
                 exhausted = True
+            elif block is PART_END:
+                draining = True
             elif block.num_rows:
                 buf.add(table_to_rows(block))
         if buf.n < batch_size:
@@ -142,7 +153,7 @@ def shard_batches(
         produced += 1
     skipped = buf.n
     for rest in it:  # drain, so the stream's prefetch finishes cleanly
-        skipped += rest.num_rows
+        skipped += 0 if rest is PART_END else rest.num_rows
     stats["skipped"] = skipped
 
 
@@ -190,10 +201,12 @@ class TrainFeed:
                 f"than {self.steps} steps x batch {self.batch_size}; use fewer workers"
             )
 
-        def blocks() -> Iterator[pa.Table]:
+        def blocks() -> Iterator[pa.Table | None]:
             for i in range(first["parts"]):
-                got = first if i == 0 else self._part(epoch, i)
-                if i:
+                got = first
+                if i:  # the end of a part comes before waiting for the next one
+                    yield PART_END
+                    got = self._part(epoch, i)
                     self.plan_seconds += got["seconds"]
                 yield from got["shard"].iter_batches(
                     batch_size=None, batch_format="pyarrow", prefetch_batches=self.prefetch_blocks

@@ -417,3 +417,34 @@ def test_feed_streams_head_then_rest_and_resumes_exactly_on_two_ranks(ray_sessio
     import ray
 
     ray.kill(planner)
+
+
+def test_a_part_end_drains_the_buffer_before_the_next_part_is_read() -> None:
+    """A head smaller than the shuffle buffer trains whole before the rest is asked for (the
+    rest may still be building); then the stream goes on into the rest, resumable as before."""
+    from fearec_dist.data.feed import PART_END
+
+    head = _blocks(n_items=50, rows=1000, block_rows=100, seed=3)
+    head = [t.set_column(3, "user", pa.array(np.ones(t.num_rows, np.int32))) for t in head]
+    rest = _blocks(n_items=50, rows=3000, block_rows=100, seed=4)
+    touched: list[int] = []
+
+    def stream():
+        yield from head
+        yield PART_END
+        touched.append(produced[0])  # how many batches were out when the rest was asked for
+        yield from rest
+
+    produced = [0]
+    kw = {"batch_size": 64, "steps": 60, "buffer_size": 2048}
+    out = []
+    for b in shard_batches(stream(), rng=np.random.default_rng(0), **kw):
+        out.append(b)
+        produced[0] += 1
+    assert touched == [1000 // 64]  # the head's whole batches first, the rest after
+    assert len(out) == 60
+    users = [b["user"].mean() for b in out]
+    assert users[: 1000 // 64] == [1.0] * (1000 // 64) and users[1000 // 64] < 1.0
+    again = list(shard_batches(stream(), rng=np.random.default_rng(0), skip=20, **kw))
+    for x, y in zip(again, out[20:]):
+        assert (x["target"] == y["target"]).all()
