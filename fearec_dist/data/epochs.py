@@ -28,6 +28,14 @@ the targets), so a batch drawn straight from one chunk would train on a few targ
 buffer over many chunks mixes them (the distinct targets per batch match an i.i.d. draw:
 tests/data/test_epochs.py).
 
+The first epoch's head: the job is a barrier (no row reaches a rank before the shuffle has seen
+every example). When the training set holds at least ``HEAD_MIN_RATIO`` x
+``train.first_epoch_head`` examples, epoch 1 is built in two parts: the head (the examples of a
+seeded hash-sample of users, ``in_head``, paired among themselves: small, built first) and the
+rest (every other example, paired over the whole training set with the head's rows as
+candidates). Ranks train on the head while the rest is built. The one approximation: a head row
+whose target has no other member in the head pairs with itself; ``head_stats`` counts those rows.
+
 Memory: a worker holds the buffer plus the blocks in flight, ``(shuffle_buffer + prefetch_blocks
 × block_rows) × (2L + 4) × 4`` bytes at most, whatever the data size; the driver holds nothing
 per example; the epoch's paired examples live in the object store, which spills to disk beyond
