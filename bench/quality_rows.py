@@ -34,6 +34,9 @@ def row(run_dir: Path) -> dict:
         else None,
         "seed": train["seed"],
         "feed": "streaming (per-epoch Ray Data job)",
+        "first_epoch_head": train.get("first_epoch_head"),
+        # the head epoch 1 started on (rows, users, rows paired with themselves), if it had one
+        **{k: int(float(v)) for k, v in epochs[0].items() if k.startswith("head_") and v},
         "epochs_run": res["epochs_run"],
         "best_epoch": res["best_epoch"],
         "valid": {k: round(res["valid"][k], 4) for k in KEYS},
