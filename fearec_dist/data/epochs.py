@@ -411,10 +411,10 @@ class EpochPlannerImpl:
         """Starts epoch + 1 once ``epoch`` is built and asked for: it overlaps this epoch's
         training, not its build (on few CPUs two builds only slow each other down), and at most
         two epochs are alive."""
-        last = self.epochs is None or epoch + 1 < self.epochs
+        another = self.epochs is None or epoch + 1 < self.epochs
         with self.lock:
             built = epoch in self.building and all(e.is_set() for e in self.building[epoch])
-        if self.ahead and last and built and epoch <= self.requested:
+        if self.ahead and another and built and epoch <= self.requested:
             self._start(epoch + 1)
 
     def shard(self, epoch: int, rank: int, part: int = 0) -> dict[str, Any]:
