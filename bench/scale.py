@@ -162,8 +162,8 @@ def train_row(prepared: str, info: dict, work: Path, steps: int, head_rows: int)
         trainer.fit()
         # with a head, the rest of epoch 1 is still being paired: when is it ready?
         planner = trainer.train_loop_config["planner"]
-        parts = ray.get(planner.shard.remote(0, 0))["parts"]
-        rest_ready = ray.get(planner.shard.remote(0, 0, parts - 1))
+        first_part = ray.get(planner.shard.remote(0, 0))
+        rest_ready = ray.get(planner.shard.remote(0, 0, first_part["parts"] - 1))
         rest_ready_s = time.time() - t0
     with open(work / "runs" / "scale" / "metrics.csv") as f:
         r = next(csv.DictReader(f))
@@ -177,6 +177,10 @@ def train_row(prepared: str, info: dict, work: Path, steps: int, head_rows: int)
     if head:  # an uncapped epoch 1 waits for its rest if the head trains faster than it builds
         head_train_s = head["head_rows"] / samples_per_s
         extra = {
+            # from fit(): the head's build began / ended, the rest's began / was ready
+            "head_started_s": round(first_part["started_unix"] - t0, 1),
+            "head_ready_s": round(first_part["ready_unix"] - t0, 1),
+            "rest_started_s": round(rest_ready["started_unix"] - t0, 1),
             "rest_ready_s": round(rest_ready_s, 1),
             "rest_build_s": round(rest_ready["seconds"], 1),
             "implied_rest_wait_s": round(max(0.0, rest_ready_s - (first - t0) - head_train_s), 1),

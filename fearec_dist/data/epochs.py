@@ -290,6 +290,7 @@ class EpochPlan:
         self.shards, self.rows_per_rank, self.dropped = shards, rows_per_rank, dropped
         self.seconds = seconds
         self.stats: dict[str, int] = {}
+        self.started = self.ready = 0.0  # wall clock (unix s): the part's build began / ended
 
 
 def plan_epoch(ds: Any, world: int) -> EpochPlan:
@@ -388,10 +389,12 @@ class EpochPlannerImpl:
             try:
                 if failed is not None:
                     raise failed
+                started = time.time()
                 ds = epoch_dataset(epoch=epoch, part=part, head=self.head, **self.params)
                 plan = plan_epoch(ds, self.world)
                 if part == "head":
                     plan.stats = head_stats(plan, self._counts(), self.params["pair"])
+                plan.started, plan.ready = started, time.time()
                 self.plans[(epoch, i)] = plan
             except BaseException as err:  # handed to the ranks that ask for this epoch
                 failed = err
@@ -420,7 +423,8 @@ class EpochPlannerImpl:
     def shard(self, epoch: int, rank: int, part: int = 0) -> dict[str, Any]:
         """Part ``part`` of ``epoch`` for ``rank``: ``shard`` (its dataset), ``rows`` (rows per
         rank), ``dropped`` (rows of the part no rank gets), ``seconds`` (to build it),
-        ``parts`` (the epoch's part count), ``name`` and ``stats``."""
+        ``parts`` (the epoch's part count), ``name``, ``stats``, ``started_unix`` and
+        ``ready_unix`` (when its build began and ended)."""
         with self.lock:
             self.requested = max(self.requested, epoch)
         events = self._start(epoch)
@@ -445,6 +449,8 @@ class EpochPlannerImpl:
             "parts": len(events),
             "name": self.parts(epoch)[part],
             "stats": plan.stats,
+            "started_unix": plan.started,
+            "ready_unix": plan.ready,
         }
 
 
