@@ -164,7 +164,6 @@ def train_row(prepared: str, info: dict, work: Path, steps: int, head_rows: int)
         planner = trainer.train_loop_config["planner"]
         first_part = ray.get(planner.shard.remote(0, 0))
         rest_ready = ray.get(planner.shard.remote(0, 0, first_part["parts"] - 1))
-        rest_ready_s = time.time() - t0
     with open(work / "runs" / "scale" / "metrics.csv") as f:
         r = next(csv.DictReader(f))
     first, last = float(r["first_step_unix"]), float(r["last_step_unix"])
@@ -181,9 +180,11 @@ def train_row(prepared: str, info: dict, work: Path, steps: int, head_rows: int)
             "head_started_s": round(first_part["started_unix"] - t0, 1),
             "head_ready_s": round(first_part["ready_unix"] - t0, 1),
             "rest_started_s": round(rest_ready["started_unix"] - t0, 1),
-            "rest_ready_s": round(rest_ready_s, 1),
+            "rest_ready_s": round(rest_ready["ready_unix"] - t0, 1),
             "rest_build_s": round(rest_ready["seconds"], 1),
-            "implied_rest_wait_s": round(max(0.0, rest_ready_s - (first - t0) - head_train_s), 1),
+            "implied_rest_wait_s": round(
+                max(0.0, rest_ready["ready_unix"] - first - head_train_s), 1
+            ),
         }
     return {
         "mode": "train",

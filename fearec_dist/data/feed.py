@@ -119,8 +119,10 @@ def shard_batches(
     at the end of the stream it drains. A ``PART_END`` in the stream (the end of the first
     epoch's head) drains the buffer down to less than a batch before the next part is read, so
     the head trains whole while the rest is still being built. The first ``skip`` draws are made
-    and discarded (resume). ``stats`` (if given) gets ``wait_s`` (time spent waiting for blocks)
-    and ``skipped``.
+    and discarded (resume). ``stats`` (if given) gets ``wait_s`` (time spent waiting for blocks),
+    ``read`` (rows read from the stream) and ``skipped`` (rows read but never drawn). The stream
+    is closed after the last batch, not read to its end: a capped epoch
+    (``train.max_steps_per_epoch``) neither reads nor waits for the rows it does not train on.
     """
     stats = stats if stats is not None else {}
     stats.setdefault("wait_s", 0.0)
@@ -128,6 +130,7 @@ def shard_batches(
     it = iter(blocks)
     produced = 0
     exhausted = draining = False
+    read = 0
     while produced < steps:
         while not exhausted and not buf.full():
             if draining and buf.n >= batch_size:
@@ -142,6 +145,7 @@ def shard_batches(
                 draining = True
             elif block.num_rows:
                 buf.add(table_to_rows(block))
+                read += block.num_rows
         if buf.n < batch_size:
             raise RuntimeError(
                 f"the epoch's stream ended after {produced} of {steps} batches: "
@@ -151,10 +155,10 @@ def shard_batches(
         if produced >= skip:
             yield to_model_batch(rows)
         produced += 1
-    skipped = buf.n
-    for rest in it:  # drain, so the stream's prefetch finishes cleanly
-        skipped += 0 if rest is PART_END else rest.num_rows
-    stats["skipped"] = skipped
+    stats["read"], stats["skipped"] = read, buf.n
+    close = getattr(it, "close", None)
+    if close is not None:  # stops the stream's prefetch (a generator closes its inner ones)
+        close()
 
 
 class TrainFeed:
@@ -201,6 +205,8 @@ class TrainFeed:
                 f"than {self.steps} steps x batch {self.batch_size}; use fewer workers"
             )
 
+        planned = [first["rows"]]  # rows of this rank in the parts it asked for
+
         def blocks() -> Iterator[pa.Table | None]:
             for i in range(first["parts"]):
                 got = first
@@ -208,6 +214,7 @@ class TrainFeed:
                     yield PART_END
                     got = self._part(epoch, i)
                     self.plan_seconds += got["seconds"]
+                    planned.append(got["rows"])
                 yield from got["shard"].iter_batches(
                     batch_size=None, batch_format="pyarrow", prefetch_batches=self.prefetch_blocks
                 )
@@ -224,7 +231,9 @@ class TrainFeed:
             stats=stats,
         )
         self.wait_s += stats["wait_s"]
-        self.skipped = int(stats["skipped"])
+        # rows of the parts it reached that no batch took (fewer than a batch, but for a capped
+        # epoch); parts a capped epoch never reached are not counted
+        self.skipped = int(sum(planned) - self.steps * self.batch_size)
 
 
 def eval_batch_from_arrow(table: Any) -> dict[str, np.ndarray]:

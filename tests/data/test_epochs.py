@@ -173,7 +173,8 @@ def test_batches_from_the_buffer_are_as_mixed_as_an_iid_draw() -> None:
         return list(shard_batches(iter(blocks), **kw, stats=stats))
 
     batches = draws()
-    assert len(batches) == 400 and stats["skipped"] == len(all_targets) - 400 * 128
+    assert len(batches) == 400 and stats["skipped"] == stats["read"] - 400 * 128
+    assert stats["read"] <= len(all_targets)  # the stream is closed, not read to its end
     distinct = np.mean([len(np.unique(b["target"])) for b in batches])
     rng = np.random.default_rng(2)
     iid = np.mean([len(np.unique(rng.choice(all_targets, 128, replace=False))) for _ in range(400)])
@@ -394,6 +395,8 @@ def test_first_epoch_head_then_rest_cover_the_epoch_and_later_epochs_are_whole(
 def test_feed_streams_head_then_rest_and_resumes_exactly_on_two_ranks(ray_session, tmp_path):
     """Each rank's batches run through the head into the rest; a rank resumed at step k (in the
     head or in the rest) yields exactly the batches k.. of the uncut epoch."""
+    import ray
+
     from fearec_dist.data.epochs import in_head
     from fearec_dist.data.feed import TrainFeed
 
@@ -408,14 +411,20 @@ def test_feed_streams_head_then_rest_and_resumes_exactly_on_two_ranks(ray_sessio
         assert "head_self_paired" not in feed.head  # no counts given: not computed
         heads = [in_head(b["user"], 0.25, 11).mean() for b in full]
         assert heads[0] == 1.0 and heads[-1] == 0.0  # the head first, then the rest
+        rows = [ray.get(planner.shard.remote(0, rank, p), timeout=300)["rows"] for p in (0, 1)]
+        assert feed.skipped == sum(rows) - steps * 16 and 0 <= feed.skipped < 32
+        capped = TrainFeed(planner, rank=rank, batch_size=16, steps=3, seed=11,
+                           shuffle_buffer=48, prefetch_blocks=2)  # fmt: skip
+        assert [b["target"].tolist() for b in capped.epoch(0)] == [
+            b["target"].tolist() for b in full[:3]
+        ]
+        assert capped.skipped == rows[0] - 3 * 16  # stopped in the head: the rest never read
         for skip in (2, steps - 5):
             again = list(feed.epoch(0, skip=skip))
             assert len(again) == steps - skip
             for x, y in zip(again, full[skip:]):
                 for key in x:
                     assert (x[key] == y[key]).all(), (rank, skip, key)
-    import ray
-
     ray.kill(planner)
 
 
