@@ -169,7 +169,8 @@ def train_row(prepared: str, info: dict, work: Path, steps: int, head_rows: int)
     first, last = float(r["first_step_unix"]), float(r["last_step_unix"])
     n_steps = int(float(r["train/steps"]))
     steady_s = max(last - first, 1e-9)
-    wait = float(r["data_wait_share"]) * float(r["train_seconds"]) - float(r["plan_wait_s"])
+    # steady state: the waits after the first batch (not the plan's, not the first blocks')
+    wait = float(r["data_wait_share"]) * float(r["train_seconds"]) - float(r["first_batch_wait_s"])
     samples_per_s = (n_steps - 1) * 256 / steady_s
     head = {k: int(float(r[k])) for k in ("head_rows", "head_self_paired") if r.get(k)}
     extra = {}

@@ -20,6 +20,7 @@ int64 (B,), ``user`` int64 (B,) and, for models that need a partner, ``pos_seq``
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -178,6 +179,7 @@ class TrainFeed:
         self.planner, self.rank, self.batch_size, self.steps = planner, rank, batch_size, steps
         self.seed, self.shuffle_buffer, self.prefetch_blocks = seed, shuffle_buffer, prefetch_blocks
         self.wait_s = self.plan_wait_s = 0.0  # all waits for data / the epoch's plan alone
+        self.first_wait_s = 0.0  # waits before the epoch's first batch (plan included)
         self.padded = self.skipped = 0
         self.plan_seconds = 0.0
         self.head: dict[str, int] = {}  # the epoch's head (rows, users, self-paired), if any
@@ -221,7 +223,8 @@ class TrainFeed:
 
         stats: dict[str, float] = {}
         rng = np.random.default_rng([self.seed, epoch, self.rank, 23])
-        yield from shard_batches(
+        self.first_wait_s = math.nan
+        for batch in shard_batches(
             blocks(),
             batch_size=self.batch_size,
             steps=self.steps,
@@ -229,7 +232,10 @@ class TrainFeed:
             rng=rng,
             skip=skip,
             stats=stats,
-        )
+        ):
+            if math.isnan(self.first_wait_s):  # the plan and the first blocks, before training
+                self.first_wait_s = self.plan_wait_s + stats["wait_s"]
+            yield batch
         self.wait_s += stats["wait_s"]
         # rows of the parts it reached that no batch took (fewer than a batch, but for a capped
         # epoch); parts a capped epoch never reached are not counted

@@ -105,6 +105,7 @@ def train_one_epoch(
         "seconds": seconds,
         "data_wait_s": feed.wait_s,
         "plan_wait_s": feed.plan_wait_s,
+        "first_wait_s": feed.first_wait_s,
         "first_step_unix": first_step,
         "last_step_unix": last_step,
         "padded": feed.padded,

@@ -61,6 +61,8 @@ def epoch_row(epoch: int, stats: dict[str, Any], world: int) -> dict[str, Any]:
     row["samples_per_s"] = round(stats["train/samples"] * world / stats["seconds"], 1)
     row["data_wait_share"] = round(stats["data_wait_s"] / max(stats["seconds"], 1e-9), 4)
     row["plan_wait_s"] = round(stats["plan_wait_s"], 3)  # waiting for the epoch's stream
+    # waiting before the first batch (the plan and the first blocks): the rest is steady-state
+    row["first_batch_wait_s"] = round(stats.get("first_wait_s", 0.0), 3)
     row["first_step_unix"], row["last_step_unix"] = (
         stats["first_step_unix"],
         stats["last_step_unix"],

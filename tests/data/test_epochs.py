@@ -408,6 +408,7 @@ def test_feed_streams_head_then_rest_and_resumes_exactly_on_two_ranks(ray_sessio
                          shuffle_buffer=48, prefetch_blocks=2)  # fmt: skip
         full = list(feed.epoch(0))
         assert len(full) == steps and feed.head["head_rows"] > 0
+        assert feed.plan_wait_s <= feed.first_wait_s <= feed.wait_s  # the waits before step 1
         assert "head_self_paired" not in feed.head  # no counts given: not computed
         heads = [in_head(b["user"], 0.25, 11).mean() for b in full]
         assert heads[0] == 1.0 and heads[-1] == 0.0  # the head first, then the rest
