@@ -96,8 +96,9 @@ def child(args: argparse.Namespace) -> None:
 def feed_row(prepared: str, info: dict, head_rows: int) -> dict:
     import ray
 
-    from fearec_dist.data.epochs import head_fraction, start_planner
+    from fearec_dist.data.epochs import head_fraction
     from fearec_dist.data.feed import TrainFeed
+    from fearec_dist.data.planner import start_planner
 
     params = dict(prepared_uri=prepared, max_seq_len=50, seed=1, pair=True,
                   n_examples=info["n_train"])  # fmt: skip

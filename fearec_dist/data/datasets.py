@@ -5,7 +5,8 @@ Owns, in order:
 1. ``ensure_prepared``: raw input (or the synthetic generator) -> ``prepare`` (cached by content).
 2. ``prepare_run``: that, plus ``build_examples`` (the examples' counts, cached by L).
 3. ``start_feed``: the run's ``EpochPlanner`` actor, which builds each epoch's training stream
-   (``data/epochs.py``); it travels to the workers in the train loop config.
+   (``data/planner.py``; the job itself is ``data/epochs.py``); it travels to the workers in
+   the train loop config.
 4. ``build_datasets``: the valid/test rows (cut from the sequences, validation on a seeded
    sample of ``train.valid_users`` users when set), read once per run and materialized in the
    object store (it spills to disk beyond its cap): every epoch scores them again.
@@ -80,9 +81,10 @@ def build_datasets(cfg: ExperimentConfig, info: dict[str, Any]) -> dict[str, Any
 
 
 def start_feed(cfg: ExperimentConfig, info: dict[str, Any], world: int, needs_partner: bool) -> Any:
-    """The run's ``EpochPlanner`` actor for ``world`` ranks (see ``data/epochs.py``); with a
+    """The run's ``EpochPlanner`` actor for ``world`` ranks (``data/planner.py``); with a
     first-epoch head (``train.first_epoch_head``) when the training set is large enough."""
-    from fearec_dist.data.epochs import head_fraction, start_planner
+    from fearec_dist.data.epochs import head_fraction
+    from fearec_dist.data.planner import start_planner
 
     params = {
         "prepared_uri": info["prepared_uri"],

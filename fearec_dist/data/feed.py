@@ -1,6 +1,6 @@
 """What a train worker reads: its stream of the epoch's examples, as fixed-size batches.
 
-The epoch's examples come from the run's ``EpochPlanner`` (``data/epochs.py``): rank r asks for
+The epoch's examples come from the run's ``EpochPlanner`` (``data/planner.py``): rank r asks for
 epoch e and gets its equal, contiguous share of the epoch's paired and permuted chunks as a
 ``MaterializedDataset``. ``TrainFeed.epoch`` streams it block by block (``prefetch_blocks`` in
 flight) into a ``ShuffleBuffer`` of ``shuffle_buffer`` examples and draws every batch uniformly

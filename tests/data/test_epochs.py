@@ -9,12 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fearec_dist.data.epochs import (
-    TrainRows,
-    pair_and_scatter,
-    start_planner,
-)
+from fearec_dist.data.epochs import TrainRows, pair_and_scatter
 from fearec_dist.data.feed import ShuffleBuffer, shard_batches, table_to_rows
+from fearec_dist.data.planner import start_planner
 
 
 def _sequences(n_users: int, n_items: int, seed: int) -> pa.Table:
@@ -247,7 +244,7 @@ def test_a_failed_epoch_build_reaches_the_rank_as_a_plain_error_naming_the_cause
     ``SystemError`` from re-raising a Ray-wrapped exception through another actor call."""
     import ray
 
-    from fearec_dist.data.epochs import PlanError
+    from fearec_dist.data.planner import PlanError
 
     (tmp_path / "sequences").mkdir()
     (tmp_path / "sequences" / "part-0.parquet").write_bytes(b"not parquet at all")
