@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from fearec_dist.serve.batch import connect_ray
+    from fearec_dist.launch import ray_session
 
     stamp = {
         "date": time.strftime("%Y-%m-%d"),
@@ -191,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# latency at {n:,} items done in {time.time() - start:.0f} s", flush=True)
             save(rows, stamp)
         # 2. the batch job on a local Ray instance
-        ray, started = connect_ray()
-        try:
+        with ray_session("auto"):
             for n in args.items:
                 start = time.time()
                 users = args.users if n <= 100_000 else args.users // 4  # exact at 10⁶ is slow
@@ -201,9 +200,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(row | stamp), flush=True)
                 print(f"# batch at {n:,} items done in {time.time() - start:.0f} s", flush=True)
                 save(rows, stamp)
-        finally:
-            if started:
-                ray.shutdown()
     return 0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fearec_dist.config import ConfigError, ExperimentConfig, add_set_argument, load_config
+from fearec_dist.launch import ray_session
 from fearec_dist.serve.cli import SERVE_COMMANDS, add_serve_commands
 from fearec_dist.train.trainer import TrainingFailed
 
@@ -188,18 +189,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     data = cfg.data
     if args.columns:
         data.columns = parse_columns(args.columns)
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", include_dashboard=False)
-    try:
+    with ray_session("auto"):
         meta = prepare_dataset(
             args.input, args.format, args.output, data=data, attributes_uri=args.attributes
         )
-    finally:
-        if started:
-            ray.shutdown()
     print(format_summary(meta))
     return 0
 

@@ -19,13 +19,10 @@ from typing import Any
 
 import yaml
 
+from fearec_dist.errors import ConfigError
 from fearec_dist.typecheck import coerce, type_name
 
 FORMATS = ("parquet", "csv", "atomic", "seqtxt", "prepared", "synthetic")
-
-
-class ConfigError(ValueError):
-    """A config problem; the message names the key (dotted path) and the source file."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow.fs as pafs
 
 from fearec_dist.config import StorageSection
-from fearec_dist.data.errors import DataError
+from fearec_dist.errors import DataError
 
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 20.0

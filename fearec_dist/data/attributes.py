@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fearec_dist.config import StorageSection
-from fearec_dist.data.errors import DataError
+from fearec_dist.errors import DataError
 from fearec_dist.storage import read_bytes, resolve
 
 ATOMIC_FIELD = "class"  # RecBole S3Rec's default `item_attribute`

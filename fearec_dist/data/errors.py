@@ -1,7 +1,5 @@
-"""The data layer's error type: messages name the file, and the row or column where known."""
+"""The data layer's error type (defined in the leaf module ``fearec_dist.errors``)."""
 
-from __future__ import annotations
+from fearec_dist.errors import DataError
 
-
-class DataError(ValueError):
-    """Bad or unreachable input; the CLI turns it into a non-zero exit with this message."""
+__all__ = ["DataError"]

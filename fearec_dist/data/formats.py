@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from fearec_dist.data.errors import DataError
+from fearec_dist.errors import DataError
 
 STANDARD = {"user": "user_id", "item": "item_id", "time": "timestamp", "rating": "rating"}
 ROW_BITS = 40

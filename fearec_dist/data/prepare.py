@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from fearec_dist.config import DataSection, StorageSection
 from fearec_dist.data import attributes as attrs_mod
 from fearec_dist.data import stages
-from fearec_dist.data.errors import DataError
+from fearec_dist.errors import DataError
 from fearec_dist.storage import (
     delete_dir,
     list_children,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from fearec_dist.config import StorageSection
-from fearec_dist.data.errors import DataError
+from fearec_dist.errors import DataError
 
 Split = dict[str, np.ndarray]
 

@@ -21,7 +21,6 @@ scores at a time). Actors take fractional CPUs (``cpus_per_actor``) and a GPU ea
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -298,20 +297,3 @@ def _unwrap(err: BaseException) -> BaseException:
     if "ServeError: " in text:
         return ServeError(text.rsplit("ServeError: ", 1)[-1].strip().splitlines()[0])
     return err
-
-
-def connect_ray() -> tuple[Any, bool]:
-    """The running Ray instance: this one, the cluster at ``RAY_ADDRESS``, or a new local one.
-
-    Returns:
-        (ray, whether this call started it; the caller stops what it started).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return ray, False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(address="local", include_dashboard=False)
-    return ray, True

@@ -12,6 +12,8 @@ import json
 import sys
 from typing import Any
 
+from fearec_dist.launch import ray_session
+
 EXPORT_HELP = """\
 Write a servable export of a trained run (local path or s3://) from its best validation
 weights: items.parquet (raw item id, internal id, embedding, training count), encoder.pt2 (the
@@ -191,10 +193,9 @@ def _recommend_one(args: argparse.Namespace, k: int) -> int:
 
 
 def _recommend_batch(args: argparse.Namespace, k: int) -> int:
-    from fearec_dist.serve.batch import connect_ray, run_batch
+    from fearec_dist.serve.batch import run_batch
 
-    ray, started = connect_ray()
-    try:
+    with ray_session("auto"):
         summary = run_batch(
             args.export,
             args.input,
@@ -211,9 +212,6 @@ def _recommend_batch(args: argparse.Namespace, k: int) -> int:
             batch_size=args.batch_size,
             overwrite=args.overwrite,
         )
-    finally:
-        if started:
-            ray.shutdown()
     sources = ", ".join(f"{n:,} {s}" for s, n in sorted(summary["by_source"].items()))
     print(
         f"[fearec-dist] wrote top-{k} for {summary['users']:,} users ({sources}) to "

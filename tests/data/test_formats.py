@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fearec_dist.data.errors import DataError
 from fearec_dist.data.formats import read_any
 from fearec_dist.data.prepare import parse_columns
+from fearec_dist.errors import DataError
 
 
 def _csv(text: str) -> bytes:

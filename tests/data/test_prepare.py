@@ -12,9 +12,9 @@ import pytest
 
 from fearec_dist.config import DataSection
 from fearec_dist.data import prepare as prepare_mod
-from fearec_dist.data.errors import DataError
 from fearec_dist.data.prepare import format_summary, prepare_dataset
 from fearec_dist.data.sequences import read_sequences
+from fearec_dist.errors import DataError
 from fearec_dist.storage import read_json, resolve
 from tests.conftest import shared_dataset
 

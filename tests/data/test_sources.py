@@ -7,7 +7,7 @@ import time
 import pytest
 
 from fearec_dist.config import StorageSection
-from fearec_dist.data.errors import DataError
+from fearec_dist.errors import DataError
 from fearec_dist.storage import (
     exists,
     fsspec_filesystem,
