@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from fearec_dist.config import ConfigError, ExperimentConfig, load_config
+from fearec_dist.config import ConfigError, ExperimentConfig, config_from_saved, load_config
 
 
 def test_precedence_defaults_file_then_set(tmp_path):
@@ -79,3 +79,24 @@ def test_storage_and_its_alias_differing_is_an_error(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"both\.yaml.*storage\.endpoint_url.*data\.storage"):
         load_config(path)
+
+
+def test_retired_n_buckets_is_refused_in_yaml_and_set_naming_the_key(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("data:\n  max_seq_len: 20\n  n_buckets: 64\n")
+    with pytest.raises(ConfigError, match=r"old\.yaml: data\.n_buckets was removed with the stre"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"--set: data\.n_buckets was removed with the streaming"):
+        load_config(None, ["data.n_buckets=8"])
+    assert "n_buckets" not in load_config(None).to_dict()["data"]
+
+
+def test_config_from_saved_drops_only_retired_keys():
+    saved = load_config(None, ["train.lr=5e-4"]).to_dict()
+    saved["data"]["n_buckets"] = 64  # what to_dict() wrote before the key was retired
+    cfg = config_from_saved(saved, "state.pt")
+    assert cfg == load_config(None, ["train.lr=5e-4"])
+    assert saved["data"]["n_buckets"] == 64  # the saved dict is left as it was
+    saved["data"]["n_bucket"] = 1  # anything else unknown is still an error naming it
+    with pytest.raises(ConfigError, match=r"state\.pt: unknown key data\.n_bucket\b"):
+        config_from_saved(saved, "state.pt")
