@@ -7,6 +7,7 @@ fearec-dist evaluate (--checkpoint URI | --baseline popularity --data URI) [--us
 fearec-dist export --run DIR|URI [--output URI] [--index flat|ivf|hnsw]
 fearec-dist recommend --export DIR|URI (--history "raw ids" | --input URI --output URI) [-k K]
 fearec-dist submit CONFIG [--tune SPACE] [--address URL]   (ray job submit on a cluster)
+fearec-dist config [--list | --markdown | --write FILE]   (every config key: type, default, use)
 fearec-dist demo
 python -m fearec_dist ...   (the same CLI)
 """
@@ -20,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from fearec_dist.config import ConfigError, ExperimentConfig, add_set_argument, load_config
+from fearec_dist.config.reference import ModelDoc, render_markdown, render_text
 from fearec_dist.launch import ray_session
+from fearec_dist.models import get_spec, model_names
 from fearec_dist.serve.cli import SERVE_COMMANDS, add_serve_commands
 from fearec_dist.train.trainer import TrainingFailed
 
@@ -152,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
+    p = sub.add_parser(
+        "config",
+        help="list every config key with its type, default and description",
+        description="The config reference, generated from the config dataclasses and each "
+        "model's config: plain text (--list, the default), Markdown (--markdown), or the "
+        "Markdown written to a file (--write docs/config.md).",
+    )
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--list", action="store_true", help="plain text, one key a line (default)")
+    how.add_argument("--markdown", action="store_true", help="print the Markdown reference")
+    how.add_argument("--write", metavar="FILE", help="write the Markdown reference to FILE")
+
     from fearec_dist.submit import build_submit_parser
 
     build_submit_parser(sub)
@@ -271,6 +286,25 @@ def _print_results(results: dict[str, Any]) -> None:
         print(f"{results['epochs_run']} epoch(s) run, scored at the last")
 
 
+def model_docs() -> list[ModelDoc]:
+    """Every registered model (not its presets, which become notes) for the config reference."""
+    docs = []
+    for name in model_names():
+        spec = get_spec(name)
+        if name not in spec.presets:
+            docs.append(ModelDoc(name, spec.config_cls, dict(spec.presets)))
+    return docs
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.write:
+        Path(args.write).write_text(render_markdown(model_docs()))
+        print(f"config reference written to {args.write}")
+    else:
+        print(render_markdown(model_docs()) if args.markdown else render_text(model_docs()), end="")
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from fearec_dist.submit import run_submit
 
@@ -283,6 +317,7 @@ COMMANDS = {
     "train": cmd_train,
     "tune": cmd_tune,
     "evaluate": cmd_evaluate,
+    "config": cmd_config,
     "demo": cmd_demo,
     **SERVE_COMMANDS,
 }

@@ -11,8 +11,8 @@ from fearec_dist.config.keys import option
 @dataclass
 class ModelSection:
     """``name`` picks the model (or a preset); every other key is the model's own, written flat
-    beside ``name`` and checked by the model registry against its dataclass (e.g. FEARecConfig)
-    when the config is loaded; this package imports no model."""
+    beside ``name`` and checked against the model's config dataclass (e.g. FEARecConfig) by the
+    model registry when the config is loaded."""
 
     name: str = option("fearec_official", "a model or preset name (each model's keys: below)")
     params: dict[str, Any] = option(

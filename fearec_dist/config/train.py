@@ -14,7 +14,7 @@ class TrainSection:
     batch_size x run.workers), metrics are full-ranking."""
 
     epochs: int = option(20, "epochs to train (at most; patience may stop earlier)")
-    batch_size: int = option(256, "examples per step per worker; the global batch is x workers")
+    batch_size: int = option(256, "examples per step per worker (the global batch: x run.workers)")
     eval_batch_size: int = option(512, "rows scored at a time per worker in evaluation")
     lr: float = option(1e-3, "learning rate (Adam; AdamW when weight_decay > 0)")
     weight_decay: float = option(0.0, "AdamW weight decay, on matrices only; 0 = plain Adam")
