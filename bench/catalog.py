@@ -52,7 +52,7 @@ def child(args: argparse.Namespace) -> dict:
     from fearec_dist.config import TrainSection
     from fearec_dist.models import build_model, get_spec
     from fearec_dist.models.softmax import SampledSoftmax
-    from fearec_dist.train.checkpoint import build_optimizer
+    from fearec_dist.train.build import build_optimizer, softmax_options
     from fearec_dist.train.evaluate import evaluate
 
     torch.set_num_threads(args.threads)
@@ -68,7 +68,7 @@ def child(args: argparse.Namespace) -> dict:
     if sampled:
         counts = np.zeros(n + 1)
         counts[1:] = 1e6 / np.arange(1, n + 1) ** 0.8  # Zipf-like training counts
-        softmax = SampledSoftmax(train, n, counts, torch.device("cpu"))
+        softmax = SampledSoftmax(softmax_options(train), n, counts, torch.device("cpu"))
     if sparse:
         model.item_embedding.sparse = True
     opt = build_optimizer(model, 1e-3, 0.0, sparse_items=sparse)

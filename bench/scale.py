@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from common import PeakRSS  # bench/common.py
 
@@ -78,7 +79,7 @@ def child(args: argparse.Namespace) -> None:
         "interactions": int(
             json.loads((work / "prepared" / "meta.json").read_text())["n_interactions"]
         ),
-        "n_train": info["n_train"],
+        "n_train": info.n_train,
         "prepare_s": round(prepare_s, 1),
         "build_s": round(build_s, 1),
         "disk_bytes_per_interaction": None,
@@ -93,18 +94,18 @@ def child(args: argparse.Namespace) -> None:
     print("ROW " + json.dumps(row), flush=True)
 
 
-def feed_row(prepared: str, info: dict, head_rows: int) -> dict:
+def feed_row(prepared: str, info: Any, head_rows: int) -> dict:
     import ray
 
-    from fearec_dist.data.epochs import head_fraction
+    from fearec_dist.data.epochs import EpochSource, head_fraction
     from fearec_dist.data.feed import TrainFeed
-    from fearec_dist.data.planner import start_planner
+    from fearec_dist.data.planner import rows_per_rank, start_planner
 
-    params = dict(prepared_uri=prepared, max_seq_len=50, seed=1, pair=True,
-                  n_examples=info["n_train"])  # fmt: skip
-    head = head_fraction(head_rows, info["n_train"])
-    planner = start_planner(params, 2, 1, head=head, ahead=False)
-    steps = (info["n_train"] // 2 - (1 if head else 0)) // 128
+    source = EpochSource(prepared_uri=prepared, max_seq_len=50, seed=1, pair=True,
+                         n_examples=info.n_train)  # fmt: skip
+    head = head_fraction(head_rows, info.n_train)
+    planner = start_planner(source, 2, 1, head=head, ahead=False)
+    steps = rows_per_rank(info.n_train, 2, head) // 128
     t0 = time.time()
     with PeakRSS() as peak:
 
@@ -132,7 +133,7 @@ def feed_row(prepared: str, info: dict, head_rows: int) -> dict:
     }
 
 
-def train_row(prepared: str, info: dict, work: Path, steps: int, head_rows: int) -> dict:
+def train_row(prepared: str, info: Any, work: Path, steps: int, head_rows: int) -> dict:
     import csv
 
     import ray

@@ -69,7 +69,7 @@ def bare_child(args: argparse.Namespace) -> None:
     from fearec_dist.data.feed import shard_batches
     from fearec_dist.data.sequences import read_sequences
     from fearec_dist.models import build_model, get_spec
-    from fearec_dist.train.checkpoint import build_optimizer
+    from fearec_dist.train.build import build_optimizer
     from fearec_dist.train.loop import train_one_epoch
 
     torch.set_num_threads(args.threads)
@@ -77,16 +77,16 @@ def bare_child(args: argparse.Namespace) -> None:
     _, info = prepare_run(cfg)
     spec = get_spec(args.bare)
     torch.manual_seed(0)
-    model = build_model(args.bare, n_items=info["n_items"], max_seq_len=info["max_seq_len"])
+    model = build_model(args.bare, n_items=info.n_items, max_seq_len=info.max_seq_len)
     # the epoch job's output, built in this process: every example, paired, in permuted chunks
-    offsets, items, users = read_sequences(info["prepared_uri"], cfg.storage)
+    offsets, items, users = read_sequences(info.prepared_uri, cfg.storage)
     seqs = pa.table(
         {"user": users, "items": pa.ListArray.from_arrays(offsets.astype(np.int32), items)}
     )
     pair = spec.needs_partner(model.config)
-    chunks = list(pair_and_scatter(TrainRows(info["max_seq_len"])(seqs), 0, 0, pair, 1024))
+    chunks = list(pair_and_scatter(TrainRows(info.max_seq_len)(seqs), 0, 0, pair, 1024))
     chunks = [chunks[i] for i in np.random.default_rng(0).permutation(len(chunks))]
-    steps = info["n_train"] // BATCH
+    steps = info.n_train // BATCH
     steps = min(steps, args.steps) if args.steps else steps
 
     class LocalFeed:  # TrainFeed's interface over the chunks in memory
@@ -220,8 +220,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "dataset": info["uri"],
-        "n_train": info["n_train"],
+        "dataset": info.uri,
+        "n_train": info.n_train,
         "batch": BATCH,
         "steps_cap": args.steps,
         "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],

@@ -15,9 +15,10 @@ import os
 from typing import Any
 
 from fearec_dist.config import ExperimentConfig
+from fearec_dist.data.examples import DATA_TASK_CPUS
 
-# a run's Ray Data read tasks beside its workers (each task takes a quarter CPU, see data/feed.py)
-DATA_TASKS_CPUS = 0.5
+# a run's Ray Data tasks beside its workers: room for two at once (each takes DATA_TASK_CPUS)
+DATA_TASKS_CPUS = 2 * DATA_TASK_CPUS
 
 
 def worker_resources(cfg: ExperimentConfig) -> dict[str, float]:

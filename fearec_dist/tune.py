@@ -15,7 +15,7 @@ Space file: dotted config keys mapped to one sampler each::
     model.global_ratio: {uniform: [0.6, 1.0]}
 
 Outputs in ``<tune.storage_path>/<tune.name>/``: ``trials.csv``, ``trials.md``,
-``best_config.yaml`` (a ready-to-use train config) and ``curves.png`` (valid NDCG@10 per epoch of
+``best_config.yaml`` (a ready-to-use train config) and ``curves.png`` (``tune.metric`` per epoch of
 every trial, so early stopping is visible). Running again with the same name resumes the sweep.
 """
 
@@ -31,8 +31,13 @@ from typing import Any
 
 import yaml
 
-from fearec_dist.config import ConfigError, ExperimentConfig, deep_merge
-from fearec_dist.storage import write_bytes
+from fearec_dist.config import ConfigError, ExperimentConfig, config_from_saved, deep_merge
+from fearec_dist.data.datasets import build_datasets, prepare_run
+from fearec_dist.data.examples import ExamplesInfo
+from fearec_dist.launch import init_ray, max_concurrent_runs
+from fearec_dist.models import validate_model_section
+from fearec_dist.storage import ray_storage, storage_root, write_bytes
+from fearec_dist.train.trainer import build_trainer
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -49,7 +54,6 @@ def read_space(path: str | Path) -> dict[str, dict[str, list[Any]]]:
 
 def validate_space(space: dict[str, Any], cfg: ExperimentConfig, source: str) -> None:
     """Checks every key and range before any trial starts; errors name the key."""
-    from fearec_dist.models import validate_model_section
 
     for key, spec in space.items():
         where = f"{source}: {key}"
@@ -116,12 +120,10 @@ def train_driver_fn(config: dict[str, Any], evals: dict[str, Any] | None = None)
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from fearec_dist.data.datasets import build_datasets
-    from fearec_dist.train.trainer import build_trainer
-
-    base = ExperimentConfig.from_dict(config["base"], "sweep config")
-    cfg = ExperimentConfig.from_dict(deep_merge(config["base"], config["params"]), "trial config")
-    info = config["examples"]
+    # saved configs: a sweep restored after an upgrade may carry retired keys
+    base = config_from_saved(config["base"], "sweep config")
+    cfg = config_from_saved(deep_merge(config["base"], config["params"]), "trial config")
+    info = ExamplesInfo.from_dict(config["examples"])
     if evals is None or eval_key(cfg) != eval_key(base):
         evals = build_datasets(cfg, info)
     # No timestamp in the name: restoring the sweep must find the same run directory.
@@ -137,10 +139,6 @@ def run_sweep(cfg: ExperimentConfig, space_path: str | Path, mode: str = "local"
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-
-    from fearec_dist.data.datasets import build_datasets, prepare_run
-    from fearec_dist.launch import init_ray, max_concurrent_runs
-    from fearec_dist.storage import ray_storage, storage_root
 
     space = read_space(space_path)
     cfg = copy.deepcopy(cfg)  # the sweep's own copy: the caller's config stays as it was
@@ -176,7 +174,7 @@ def run_sweep(cfg: ExperimentConfig, space_path: str | Path, mode: str = "local"
                 param_space={
                     "base": cfg.to_dict(),
                     "params": to_param_space(space),
-                    "examples": info,
+                    "examples": info.to_dict(),
                     "sweep_name": name,
                 },
                 tune_config=tune.TuneConfig(

@@ -100,3 +100,31 @@ def test_config_from_saved_drops_only_retired_keys():
     saved["data"]["n_bucket"] = 1  # anything else unknown is still an error naming it
     with pytest.raises(ConfigError, match=r"state\.pt: unknown key data\.n_bucket\b"):
         config_from_saved(saved, "state.pt")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.amp=fp16", "train.amp"),  # no loss scaling: float16 gradients underflow
+        ("train.negative_alpha=-0.5", "train.negative_alpha"),  # NaN loss
+        ("train.negative_alpha=nan", "train.negative_alpha"),
+        ("train.lr=nan", "train.lr"),
+        ("train.softmax_temperature=nan", "train.softmax_temperature"),
+        ("train.weight_decay=-0.1", "train.weight_decay"),
+        ("train.topk=[0, 10]", "train.topk"),
+        ("train.torch_threads=-1", "train.torch_threads"),
+        ("train.max_steps_per_epoch=-1", "train.max_steps_per_epoch"),
+    ],
+)
+def test_settings_that_yield_nan_or_nonsense_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_sparse_item_updates_with_weight_decay_is_refused_naming_both_keys():
+    sampled = ["train.softmax=sampled", "train.sparse_item_updates=true"]
+    with pytest.raises(ConfigError, match=r"sparse_item_updates.*weight_decay") as err:
+        load_config(None, [*sampled, "train.weight_decay=0.01"])
+    assert "silently" in str(err.value)
+    assert load_config(None, sampled).train.weight_decay == 0.0  # without decay: fine
+    assert load_config(None, ["train.weight_decay=0.01"]).train.weight_decay == 0.01  # dense: fine

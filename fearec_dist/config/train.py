@@ -41,7 +41,10 @@ class TrainSection:
     valid_users: int = option(0, "validate each epoch on a fixed seeded sample of N users; 0 = all")
     evaluate: bool = option(True, "false: no validation or test at all (production retrains)")
     torch_threads: int = option(0, "torch threads per worker; 0 = run.cpus_per_worker rounded up")
-    amp: str = option("auto", "auto | off | bf16 | fp16 (auto = bf16 on CUDA when supported)")
+    amp: str = option("auto", "auto | off | bf16 (auto = bf16 on CUDA when supported)")
+    eval_amp: bool = option(
+        False, "evaluation's encoder under train.amp's autocast (scores stay float32)"
+    )
     max_steps_per_epoch: int = option(
         0, "cap on steps per epoch, for smoke tests and benchmarks; 0 = the whole epoch"
     )
@@ -84,12 +87,24 @@ class TrainSection:
             raise ConfigError(f"train.first_epoch_head: must be >= 0, got {self.first_epoch_head}")
         if self.valid_users < 0:
             raise ConfigError(f"train.valid_users: must be >= 0, got {self.valid_users}")
-        if self.lr <= 0:
+        if not self.lr > 0:  # `not >` also refuses NaN
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"train.weight_decay: must be >= 0, got {self.weight_decay}")
+        for key in ("torch_threads", "max_steps_per_epoch"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
+        if not self.topk or min(self.topk) < 1:
+            raise ConfigError(f"train.topk: every K must be >= 1, got {self.topk}")
         if self.patience < 0:
             raise ConfigError(f"train.patience: must be >= 0, got {self.patience}")
-        if self.amp not in ("auto", "off", "bf16", "fp16"):
-            raise ConfigError(f"train.amp: {self.amp!r} is not one of auto, off, bf16, fp16")
+        if self.amp == "fp16":
+            raise ConfigError(
+                "train.amp: fp16 needs loss scaling, which this trainer does not do (float16 "
+                "gradients underflow without it): use bf16 (Ampere or newer GPUs, CPUs) or off"
+            )
+        if self.amp not in ("auto", "off", "bf16"):
+            raise ConfigError(f"train.amp: {self.amp!r} is not one of auto, off, bf16")
         self.check_softmax()
         if self.stage not in ("train", "pretrain", "finetune"):
             raise ConfigError(f"train.stage: {self.stage!r} is not train, pretrain or finetune")
@@ -113,7 +128,13 @@ class TrainSection:
             )
         if self.n_negatives < 1:
             raise ConfigError(f"train.n_negatives: must be >= 1, got {self.n_negatives}")
-        if self.softmax_temperature <= 0:
+        if not self.negative_alpha >= 0:
+            raise ConfigError(
+                f"train.negative_alpha: must be >= 0 (0 = uniform over items with a training "
+                f"count), got {self.negative_alpha}: a negative exponent favours the rarest items "
+                "and overflows to NaN"
+            )
+        if not self.softmax_temperature > 0:
             raise ConfigError(
                 f"train.softmax_temperature: must be > 0, got {self.softmax_temperature}"
             )
@@ -123,6 +144,12 @@ class TrainSection:
             raise ConfigError(
                 "train.sparse_item_updates: not for train.stage: pretrain (S3Rec's pretraining "
                 "objectives score the whole table)"
+            )
+        if self.sparse_item_updates and self.weight_decay > 0:
+            raise ConfigError(
+                "train.sparse_item_updates with train.weight_decay > 0: the item table's lazy "
+                "SparseAdam has no weight decay, so the table would silently lose the decay it "
+                "gets in a dense run; set train.weight_decay: 0 or train.sparse_item_updates: false"
             )
         if self.sparse_item_updates and self.softmax != "sampled":
             raise ConfigError(

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from fearec_dist.config import StorageSection
 from fearec_dist.errors import DataError
-from fearec_dist.storage import read_bytes, resolve
+from fearec_dist.storage import exists, read_bytes, resolve
 
 ATOMIC_FIELD = "class"  # RecBole S3Rec's default `item_attribute`
 
@@ -87,8 +87,6 @@ def read_attribute_table(prepared_uri: str, storage: StorageSection | None, n_it
     """``attributes.parquet`` -> a dense (n_items + 1, max attrs) long tensor (0 = padding), or
     None when the prepared dataset has no attributes."""
     import torch
-
-    from fearec_dist.storage import exists
 
     uri = f"{prepared_uri.rstrip('/')}/attributes.parquet"
     if not exists(uri, storage):

@@ -23,7 +23,11 @@ import json
 from typing import Any
 
 from fearec_dist.config import ExperimentConfig
-from fearec_dist.storage import storage_root
+from fearec_dist.data.epochs import EpochSource, head_fraction
+from fearec_dist.data.examples import ExamplesInfo, build_examples, eval_dataset, sample_users
+from fearec_dist.data.planner import start_planner
+from fearec_dist.data.prepare import prepare_dataset
+from fearec_dist.storage import exists, storage_root
 
 
 def ensure_prepared(cfg: ExperimentConfig, progress: bool = True) -> str:
@@ -34,10 +38,8 @@ def ensure_prepared(cfg: ExperimentConfig, progress: bool = True) -> str:
         if not data.path:
             raise ValueError("data.path is empty: name a prepared dataset or raw input")
         return storage_root(data.path)
-    from fearec_dist.data.prepare import prepare_dataset
-    from fearec_dist.storage import exists
 
-    skip = ("storage", "max_seq_len", "n_buckets")
+    skip = ("storage", "max_seq_len")
     key = json.dumps({k: v for k, v in data.__dict__.items() if k not in skip}, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     cache = f"{storage_root(cfg.run.storage_path)}/_prepared/{data.format}-{digest}"
@@ -52,53 +54,47 @@ def ensure_prepared(cfg: ExperimentConfig, progress: bool = True) -> str:
     return out
 
 
-def prepare_run(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
+def prepare_run(cfg: ExperimentConfig) -> tuple[str, ExamplesInfo]:
     """Prepared data + examples (both cached); returns (prepared URI, examples info)."""
-    from fearec_dist.data.examples import build_examples
-
     prepared = ensure_prepared(cfg)
     info = build_examples(prepared, cfg.data.max_seq_len, cfg.storage)
     print(
-        f"[fearec-dist] examples: {info['n_train']:,} train / {info['n_valid']:,} valid / "
-        f"{info['n_test']:,} test, {info['n_items']:,} items (cut from the sequences of "
+        f"[fearec-dist] examples: {info.n_train:,} train / {info.n_valid:,} valid / "
+        f"{info.n_test:,} test, {info.n_items:,} items (cut from the sequences of "
         f"{prepared})"
     )
     return prepared, info
 
 
-def build_datasets(cfg: ExperimentConfig, info: dict[str, Any]) -> dict[str, Any]:
+def build_datasets(cfg: ExperimentConfig, info: ExamplesInfo) -> dict[str, Any]:
     """``{"valid", "test"}`` Ray datasets (none with ``train.evaluate: false``). Validation uses
     a fixed seeded sample of ``train.valid_users`` users when set; test always every user."""
-    from fearec_dist.data.examples import eval_dataset, sample_users
-
     if not cfg.train.evaluate:
         return {}
-    users = sample_users(info["n_users"], cfg.train.valid_users, cfg.train.seed)
+    users = sample_users(info.n_users, cfg.train.valid_users, cfg.train.seed)
+    uri, width = info.prepared_uri, info.max_seq_len
     return {
-        "valid": eval_dataset(info, "valid", cfg.storage, users).materialize(),
-        "test": eval_dataset(info, "test", cfg.storage).materialize(),
+        "valid": eval_dataset(uri, width, "valid", cfg.storage, users).materialize(),
+        "test": eval_dataset(uri, width, "test", cfg.storage).materialize(),
     }
 
 
-def start_feed(cfg: ExperimentConfig, info: dict[str, Any], world: int, needs_partner: bool) -> Any:
+def start_feed(cfg: ExperimentConfig, info: ExamplesInfo, world: int, needs_partner: bool) -> Any:
     """The run's ``EpochPlanner`` actor for ``world`` ranks (``data/planner.py``); with a
     first-epoch head (``train.first_epoch_head``) when the training set is large enough."""
-    from fearec_dist.data.epochs import head_fraction
-    from fearec_dist.data.planner import start_planner
-
-    params = {
-        "prepared_uri": info["prepared_uri"],
-        "max_seq_len": info["max_seq_len"],
-        "seed": cfg.train.seed,
-        "pair": needs_partner,
-        "n_examples": info["n_train"],
-        "block_rows": cfg.data.block_rows,
-        "partition_bytes": cfg.data.partition_mb << 20,
-        "storage": cfg.storage,
-    }
-    head = head_fraction(cfg.train.first_epoch_head, info["n_train"])
-    counts = f"{info['uri']}/item_counts.parquet" if head and needs_partner else None
-    return start_planner(params, world, cfg.train.epochs, head=head, counts_uri=counts)
+    source = EpochSource(
+        prepared_uri=info.prepared_uri,
+        max_seq_len=info.max_seq_len,
+        seed=cfg.train.seed,
+        pair=needs_partner,
+        n_examples=info.n_train,
+        block_rows=cfg.data.block_rows,
+        partition_bytes=cfg.data.partition_mb << 20,
+        storage=cfg.storage,
+    )
+    head = head_fraction(cfg.train.first_epoch_head, info.n_train)
+    counts = f"{info.uri}/item_counts.parquet" if head and needs_partner else None
+    return start_planner(source, world, cfg.train.epochs, head=head, counts_uri=counts)
 
 
 def eval_shards(datasets: dict[str, Any], world: int) -> dict[str, list[Any]]:

@@ -6,9 +6,9 @@ is the sequences alone. Per epoch e (seed s)::
 
     read_parquet(sequences)                      one task per file, streamed
       -> map_batches(TrainRows(L))               examples: history[L], length, target, user, pos
-      -> repartition(P, keys=["target"], sort=True)   Ray Data's hash shuffle: every example of
-                                                 a target lands in one partition (models that
-                                                 need a same-target partner only)
+      -> repartition(P, keys=["target"])         Ray Data's hash shuffle (unsorted): every
+                                                 example of a target lands in one partition
+                                                 (models that need a same-target partner only)
       -> map_batches(PairAndScatter(s, e))       whole partition: canonical order, partner drawn
                                                  uniformly from the *other* members of the
                                                  target group (spec fearec.md §8; a singleton
@@ -52,16 +52,22 @@ them: no batch trained twice, none skipped. Every rank runs the same number of s
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from fearec_dist.config import StorageSection
-from fearec_dist.data.examples import USERS_PER_BATCH, dense, fixed_list, sequences_dataset
+from fearec_dist.data.examples import (
+    DATA_TASK_CPUS,
+    USERS_PER_BATCH,
+    dense,
+    fixed_list,
+    sequences_dataset,
+)
 from fearec_dist.data.sequences import build_loo_examples, sequences_csr
 
-DATA_TASK_CPUS = 0.25
 FIELDS = ("history", "length", "target", "user")
 PAIR_FIELDS = ("pos_history", "pos_length")
 
@@ -226,27 +232,31 @@ def n_partitions(n_examples: int, max_seq_len: int, partition_bytes: int, minimu
 PARTS = ("all", "head", "rest")
 
 
-def epoch_dataset(
-    prepared_uri: str,
-    *,
-    max_seq_len: int,
-    seed: int,
-    epoch: int,
-    pair: bool,
-    n_examples: int,
-    block_rows: int = 1024,
-    partition_bytes: int = 64 << 20,
-    storage: StorageSection | None = None,
-    partner_ids: bool = False,
-    part: str = "all",
-    head: float = 0.0,
-) -> Any:
+@dataclass(frozen=True)
+class EpochSource:
+    """What every epoch's job reads and how it pairs: the run's fixed inputs to ``epoch_dataset``
+    (the planner holds one and builds each epoch from it)."""
+
+    prepared_uri: str
+    max_seq_len: int  # L
+    seed: int  # train.seed
+    pair: bool  # draw a same-target partner (FEARec's positive view)
+    n_examples: int  # training examples (sizes the hash partitions and the head)
+    block_rows: int = 1024  # data.block_rows
+    partition_bytes: int = 64 << 20  # data.partition_mb in bytes
+    storage: StorageSection | None = None
+    partner_ids: bool = False  # also emit the partner's (user, pos), for tests
+
+
+def epoch_dataset(source: EpochSource, epoch: int, part: str = "all", head: float = 0.0) -> Any:
     """The Ray dataset of epoch ``epoch``'s training examples (lazy; see the module docstring).
 
     ``part``: ``"all"`` (every example), ``"head"`` (the examples of the share ``head`` of users
     picked by ``in_head``, paired among themselves) or ``"rest"`` (every other example, paired
     over the whole training set, the head's examples included as candidates).
     """
+    seed, pair, max_seq_len = source.seed, source.pair, source.max_seq_len
+    n_examples, block_rows = source.n_examples, source.block_rows
     if part not in PARTS:
         raise ValueError(f"part: {part!r} is not one of {PARTS}")
     keep, drop = None, None
@@ -256,10 +266,10 @@ def epoch_dataset(
         drop = (head, seed)  # every example is a candidate; the head's are not emitted
     elif part == "rest":
         keep = ("rest", head, seed)
-    ds = sequences_dataset(prepared_uri, storage)
+    ds = sequences_dataset(source.prepared_uri, source.storage)
     ds = ds.map_batches(TrainRows(max_seq_len, keep), batch_format="pyarrow",
                         batch_size=USERS_PER_BATCH, num_cpus=DATA_TASK_CPUS)  # fmt: skip
-    parts = n_partitions(n_examples, max_seq_len, partition_bytes, minimum=1)
+    parts = n_partitions(n_examples, max_seq_len, source.partition_bytes, minimum=1)
     if pair and parts == 1:  # it all fits one partition: gather it without a hash shuffle
         ds = ds.repartition(1)
     elif pair:
@@ -267,7 +277,7 @@ def epoch_dataset(
         # target group reaches PairAndScatter whole; it sorts the rows itself
         ds = ds.repartition(parts, keys=["target"], sort=False)
     ds = ds.map_batches(
-        PairAndScatter(seed, epoch, pair, block_rows, partner_ids, drop),
+        PairAndScatter(seed, epoch, pair, block_rows, source.partner_ids, drop),
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=DATA_TASK_CPUS,

@@ -21,10 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from fearec_dist.config import StorageSection
@@ -33,7 +35,7 @@ from fearec_dist.data.sequences import build_loo_examples, gather_ranges, sequen
 from fearec_dist.storage import open_output, read_json, read_parquet_dataset, resolve, write_json
 
 EXAMPLES_VERSION = 2
-DATA_TASK_CPUS = 0.25
+DATA_TASK_CPUS = 0.25  # CPUs of each Ray Data task of the data room (reads, cuts, pairing)
 # Users per call of the UDFs that expand sequences into L-wide rows (training examples,
 # evaluation rows). Without it a UDF gets whatever batch the Parquet scanner yields (up to
 # 131,072 rows, i.e. users: ~4.6M examples at 35 items each); at 40M interactions the epoch job's
@@ -102,6 +104,34 @@ class EvalRows:
         return examples_table(part[self.split])
 
 
+@dataclass(frozen=True)
+class ExamplesInfo:
+    """The examples of one (prepared dataset, L): ``info.json``, and what a run, its checkpoints
+    and ``results.json`` record of its data. Travels as a dict (``to_dict``) in Ray's train loop
+    config and in checkpoint state; ``from_dict`` reads it back."""
+
+    uri: str  # the examples directory (<prepared>/examples/L<L>-<fingerprint>)
+    prepared_uri: str
+    max_seq_len: int  # L
+    n_items: int  # real items (ids 1..n_items)
+    n_users: int
+    n_train: int = 0
+    n_valid: int = 0
+    n_test: int = 0
+    fingerprint: str = ""
+    version: int = 0  # EXAMPLES_VERSION of the count that wrote it
+    build_seconds: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExamplesInfo:
+        """Known keys only: checkpoints written by older versions carry retired ones."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def sample_users(n_users: int, k: int, seed: int) -> np.ndarray | None:
     """A fixed seeded sample of ``k`` user ids out of 1..n_users (sorted), or None for all."""
     if k <= 0 or k >= n_users:
@@ -117,15 +147,16 @@ def sequences_dataset(prepared_uri: str, storage: StorageSection | None) -> Any:
 
 
 def eval_dataset(
-    info: dict[str, Any],
+    prepared_uri: str,
+    max_seq_len: int,
     split: str,
     storage: StorageSection | None,
     users: np.ndarray | None = None,
 ) -> Any:
     """The Ray dataset of ``split``'s evaluation rows, cut from the sequences as they stream."""
-    ds = sequences_dataset(info["prepared_uri"], storage)
+    ds = sequences_dataset(prepared_uri, storage)
     return ds.map_batches(
-        EvalRows(split, info["max_seq_len"], users),
+        EvalRows(split, max_seq_len, users),
         batch_format="pyarrow",
         batch_size=USERS_PER_BATCH,
         num_cpus=DATA_TASK_CPUS,
@@ -133,7 +164,8 @@ def eval_dataset(
 
 
 def iter_eval_rows(
-    info: dict[str, Any],
+    prepared_uri: str,
+    max_seq_len: int,
     split: str,
     batch_size: int,
     storage: StorageSection | None = None,
@@ -141,10 +173,8 @@ def iter_eval_rows(
 ) -> Any:
     """The same rows as ``eval_dataset``, in this process (no Ray): the sequences are read
     ``batch_size`` users at a time, so memory stays bounded."""
-    import pyarrow.dataset as pads
-
-    fs, root = resolve(f"{info['prepared_uri'].rstrip('/')}/sequences", storage)
-    rows = EvalRows(split, info["max_seq_len"], users)
+    fs, root = resolve(f"{prepared_uri.rstrip('/')}/sequences", storage)
+    rows = EvalRows(split, max_seq_len, users)
     source = pads.dataset(root, filesystem=fs, format="parquet")
     for batch in source.to_batches(columns=["user", "items"], batch_size=batch_size):
         table = rows(pa.Table.from_batches([batch]))
@@ -177,7 +207,7 @@ def build_examples(
     storage: StorageSection | None = None,
     *,
     rebuild: bool = False,
-) -> dict[str, Any]:
+) -> ExamplesInfo:
     """Counts (or finds counted) the examples for ``max_seq_len``; returns their ``info.json``.
 
     Args:
@@ -187,9 +217,7 @@ def build_examples(
         rebuild: ignore a cached count.
 
     Returns:
-        info dict: ``uri`` (this directory), ``prepared_uri``, ``n_train``, ``n_valid``,
-        ``n_test``, ``n_items``, ``n_users``, ``max_seq_len``, ``fingerprint``,
-        ``build_seconds``.
+        the examples' info (``uri`` is this directory).
     """
     storage = storage or StorageSection()
     meta = read_json(f"{prepared_uri.rstrip('/')}/meta.json", storage)
@@ -198,7 +226,7 @@ def build_examples(
         try:
             info = read_json(f"{out_uri}/info.json", storage)
             if info.get("version") == EXAMPLES_VERSION:  # where it lies now, not when counted
-                return info | {"uri": out_uri, "prepared_uri": prepared_uri}
+                return ExamplesInfo.from_dict(info | {"uri": out_uri, "prepared_uri": prepared_uri})
         except (FileNotFoundError, OSError, ValueError):
             pass
     start = time.time()
@@ -213,24 +241,24 @@ def build_examples(
         counts += part["counts"].sum(axis=0)
     with open_output(f"{out_uri}/item_counts.parquet", storage) as f:
         pq.write_table(pa.table({"count": pa.array(counts)}), f)
-    info = {
-        "version": EXAMPLES_VERSION,
-        "uri": out_uri,
-        "prepared_uri": prepared_uri,
-        "fingerprint": fingerprint(meta),
-        "max_seq_len": max_seq_len,
-        "n_items": n_items,
-        "n_users": int(meta["n_users"]),
-        "n_train": int(totals[0]),
-        "n_valid": int(totals[1]),
-        "n_test": int(totals[2]),
-        "build_seconds": round(time.time() - start, 2),
-    }
-    write_json(f"{out_uri}/info.json", info, storage)  # last: the commit marker
+    info = ExamplesInfo(
+        version=EXAMPLES_VERSION,
+        uri=out_uri,
+        prepared_uri=prepared_uri,
+        fingerprint=fingerprint(meta),
+        max_seq_len=max_seq_len,
+        n_items=n_items,
+        n_users=int(meta["n_users"]),
+        n_train=int(totals[0]),
+        n_valid=int(totals[1]),
+        n_test=int(totals[2]),
+        build_seconds=round(time.time() - start, 2),
+    )
+    write_json(f"{out_uri}/info.json", info.to_dict(), storage)  # last: the commit marker
     return info
 
 
-def read_item_counts(info: dict[str, Any], storage: StorageSection | None = None) -> np.ndarray:
+def read_item_counts(info: ExamplesInfo, storage: StorageSection | None = None) -> np.ndarray:
     """(n_items + 1,) training examples per target item (``item_counts.parquet``)."""
-    fs, path = resolve(f"{info['uri']}/item_counts.parquet", storage)
+    fs, path = resolve(f"{info.uri}/item_counts.parquet", storage)
     return pq.read_table(path, filesystem=fs).column("count").to_numpy()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -162,8 +163,27 @@ def shard_batches(
         close()
 
 
+@dataclass
+class FeedStats:
+    """What one epoch of a feed waited for and left out: the data columns of the epoch's row."""
+
+    data_wait_s: float = 0.0  # every wait for data (the plan's included)
+    plan_wait_s: float = 0.0  # waiting for the epoch's plan alone
+    first_wait_s: float = 0.0  # waits before the epoch's first batch (plan and first blocks)
+    plan_seconds: float = 0.0  # building the epoch's parts
+    skipped: int = 0  # rows of the parts reached that no batch took
+    head: dict[str, int] = field(default_factory=dict)  # epoch 1's head: rows, users, self-paired
+
+    def to_row(self) -> dict[str, Any]:
+        """The stats as flat epoch-row columns (the head's keys side by side)."""
+        row = {k: v for k, v in asdict(self).items() if k != "head"}
+        return row | self.head
+
+
 class TrainFeed:
-    """One worker's training batches, epoch by epoch, from the run's ``EpochPlanner`` actor."""
+    """One worker's training batches, epoch by epoch, from the run's ``EpochPlanner`` actor.
+
+    ``stats`` holds the latest epoch's ``FeedStats``; ``steps`` is the same every epoch."""
 
     def __init__(
         self,
@@ -178,14 +198,10 @@ class TrainFeed:
     ) -> None:
         self.planner, self.rank, self.batch_size, self.steps = planner, rank, batch_size, steps
         self.seed, self.shuffle_buffer, self.prefetch_blocks = seed, shuffle_buffer, prefetch_blocks
-        self.wait_s = self.plan_wait_s = 0.0  # all waits for data / the epoch's plan alone
-        self.first_wait_s = 0.0  # waits before the epoch's first batch (plan included)
-        self.padded = self.skipped = 0
-        self.plan_seconds = 0.0
-        self.head: dict[str, int] = {}  # the epoch's head (rows, users, self-paired), if any
+        self.stats = FeedStats()
 
     def _part(self, epoch: int, part: int) -> dict[str, Any]:
-        import ray
+        import ray  # here: the module stays importable without Ray (a GPU box may lack it)
 
         got = ray.get(self.planner.shard.remote(epoch, self.rank, part))
         got["shard"].context.execution_options.preserve_order = True
@@ -198,9 +214,9 @@ class TrainFeed:
         into the same shuffle buffer; waiting for a later part counts as data wait."""
         t0 = time.perf_counter()
         first = self._part(epoch, 0)
-        self.plan_wait_s = self.wait_s = time.perf_counter() - t0
-        self.plan_seconds, self.padded = first["seconds"], 0
-        self.head = dict(first["stats"]) if first["name"] == "head" else {}
+        waited = time.perf_counter() - t0
+        head = dict(first["stats"]) if first["name"] == "head" else {}
+        out = self.stats = FeedStats(waited, waited, math.nan, first["seconds"], head=head)
         if first["parts"] == 1 and first["rows"] < self.steps * self.batch_size:
             raise RuntimeError(
                 f"rank {self.rank}: epoch {epoch} has {first['rows']} examples per rank, fewer "
@@ -215,7 +231,7 @@ class TrainFeed:
                 if i:  # the end of a part comes before waiting for the next one
                     yield PART_END
                     got = self._part(epoch, i)
-                    self.plan_seconds += got["seconds"]
+                    out.plan_seconds += got["seconds"]
                     planned.append(got["rows"])
                 yield from got["shard"].iter_batches(
                     batch_size=None, batch_format="pyarrow", prefetch_batches=self.prefetch_blocks
@@ -223,7 +239,6 @@ class TrainFeed:
 
         stats: dict[str, float] = {}
         rng = np.random.default_rng([self.seed, epoch, self.rank, 23])
-        self.first_wait_s = math.nan
         for batch in shard_batches(
             blocks(),
             batch_size=self.batch_size,
@@ -233,13 +248,13 @@ class TrainFeed:
             skip=skip,
             stats=stats,
         ):
-            if math.isnan(self.first_wait_s):  # the plan and the first blocks, before training
-                self.first_wait_s = self.plan_wait_s + stats["wait_s"]
+            if math.isnan(out.first_wait_s):  # the plan and the first blocks, before training
+                out.first_wait_s = out.plan_wait_s + stats["wait_s"]
             yield batch
-        self.wait_s += stats["wait_s"]
+        out.data_wait_s += stats["wait_s"]
         # rows of the parts it reached that no batch took (fewer than a batch, but for a capped
         # epoch); parts a capped epoch never reached are not counted
-        self.skipped = int(sum(planned) - self.steps * self.batch_size)
+        out.skipped = int(sum(planned) - self.steps * self.batch_size)
 
 
 def eval_batch_from_arrow(table: Any) -> dict[str, np.ndarray]:

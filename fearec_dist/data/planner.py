@@ -17,8 +17,12 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
+import ray
+from ray.data import DataContext
 
-from fearec_dist.data.epochs import epoch_dataset
+from fearec_dist.data.epochs import EpochSource, epoch_dataset
+from fearec_dist.storage import resolve
 
 
 class EpochPlan:
@@ -86,7 +90,7 @@ class EpochPlannerImpl:
 
     def __init__(
         self,
-        params: dict[str, Any],
+        source: EpochSource,
         world: int,
         epochs: int | None = None,
         *,
@@ -95,7 +99,7 @@ class EpochPlannerImpl:
         ahead: bool = True,
     ) -> None:
         self.epochs = epochs  # the run's epoch count: nothing is built ahead past the last
-        self.params, self.world, self.head, self.ahead = params, world, head, ahead
+        self.source, self.world, self.head, self.ahead = source, world, head, ahead
         self.counts_uri = counts_uri
         self.plans: dict[tuple[int, int], EpochPlan] = {}
         self.errors: dict[tuple[int, int], BaseException] = {}
@@ -109,16 +113,10 @@ class EpochPlannerImpl:
     def _counts(self) -> np.ndarray | None:
         if self.counts_uri is None:
             return None
-        import pyarrow.parquet as pq
-
-        from fearec_dist.storage import resolve
-
-        fs, path = resolve(self.counts_uri, self.params.get("storage"))
+        fs, path = resolve(self.counts_uri, self.source.storage)
         return pq.read_table(path, filesystem=fs).column("count").to_numpy()
 
     def _build(self, epoch: int) -> None:
-        from ray.data import DataContext
-
         ctx = DataContext.get_current()  # per thread: set it in the thread that executes
         ctx.execution_options.preserve_order = True  # block order = plan order, not timing
         ctx.enable_progress_bars = False
@@ -128,10 +126,10 @@ class EpochPlannerImpl:
                 if failed is not None:
                     raise failed
                 started = time.time()
-                ds = epoch_dataset(epoch=epoch, part=part, head=self.head, **self.params)
+                ds = epoch_dataset(self.source, epoch, part=part, head=self.head)
                 plan = plan_epoch(ds, self.world)
                 if part == "head":
-                    plan.stats = head_stats(plan, self._counts(), self.params["pair"])
+                    plan.stats = head_stats(plan, self._counts(), self.source.pair)
                 plan.started, plan.ready = started, time.time()
                 self.plans[(epoch, i)] = plan
             except BaseException as err:  # handed to the ranks that ask for this epoch
@@ -157,6 +155,10 @@ class EpochPlannerImpl:
             built = epoch in self.building and all(e.is_set() for e in self.building[epoch])
         if self.ahead and another and built and epoch <= self.requested:
             self._start(epoch + 1)
+
+    def rows_per_rank(self) -> int:
+        """Rows every rank gets of every epoch (see ``rows_per_rank``)."""
+        return rows_per_rank(self.source.n_examples, self.world, self.head)
 
     def shard(self, epoch: int, rank: int, part: int = 0) -> dict[str, Any]:
         """Part ``part`` of ``epoch`` for ``rank``: ``shard`` (its dataset), ``rows`` (rows per
@@ -192,12 +194,17 @@ class EpochPlannerImpl:
         }
 
 
+def rows_per_rank(n_examples: int, world: int, head: float) -> int:
+    """The rows each of ``world`` ranks gets of every epoch: ``n_examples // world``, one fewer
+    when the first epoch comes in two parts (head, rest), each cut into ``world`` equal ranges
+    with its own remainder dropped. The train loop sizes every epoch's steps from it."""
+    return n_examples // world - (1 if head > 0 else 0)
+
+
 def start_planner(
-    params: dict[str, Any], world: int, epochs: int | None = None, **options: Any
+    source: EpochSource, world: int, epochs: int | None = None, **options: Any
 ) -> Any:
     """The run's ``EpochPlanner`` actor (0 CPUs: Ray Data's tasks ask for their own);
     ``options``: ``head``, ``counts_uri``, ``ahead`` (see ``EpochPlannerImpl``)."""
-    import ray
-
     actor = ray.remote(num_cpus=0, max_concurrency=8)(EpochPlannerImpl)
-    return actor.remote(params, world, epochs, **options)
+    return actor.remote(source, world, epochs, **options)

@@ -20,6 +20,7 @@ import numpy as np
 
 from fearec_dist.config import StorageSection
 from fearec_dist.data.sequences import list_csr
+from fearec_dist.storage import resolve
 
 
 def held_out_per_user(lengths: np.ndarray) -> np.ndarray:
@@ -77,8 +78,6 @@ def read_training_counts(
         (N + 1,) int64 training interactions per item id.
     """
     import pyarrow.dataset as pads
-
-    from fearec_dist.storage import resolve
 
     fs, root = resolve(f"{prepared_uri.rstrip('/')}/sequences", storage)
     total = np.zeros(n_items + 1, dtype=np.int64)

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from fearec_dist.config import DataSection, StorageSection
 from fearec_dist.data import attributes as attrs_mod
 from fearec_dist.data import stages
+from fearec_dist.data.synthetic import write_synthetic
 from fearec_dist.errors import DataError
 from fearec_dist.storage import (
     delete_dir,
@@ -119,8 +120,6 @@ def prepare_dataset(
     start = time.time()
     out = output_uri.rstrip("/")
     if fmt == "synthetic":
-        from fearec_dist.data.synthetic import write_synthetic
-
         input_uri = f"{out}.raw"
         delete_dir(input_uri, storage)
         write_synthetic(

@@ -19,6 +19,7 @@ import numpy as np
 
 from fearec_dist.config import StorageSection
 from fearec_dist.errors import DataError
+from fearec_dist.storage import exists, resolve
 
 Split = dict[str, np.ndarray]
 
@@ -138,8 +139,6 @@ def read_sequences(
         items, oldest first, are ``items[offsets[u]:offsets[u + 1]]``.
     """
     import pyarrow.parquet as pq
-
-    from fearec_dist.storage import exists, resolve
 
     root = prepared_uri.rstrip("/")
     if not exists(f"{root}/meta.json", storage):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from fearec_dist.storage import resolve
+
 
 def chain_successors(n_items: int, seed: int) -> np.ndarray:
     """(n_items + 1,) successor of every item id 1..n_items inside its cyclic chain."""
@@ -91,8 +93,6 @@ def write_synthetic(uri: str, n_files: int = 4, storage=None, n_users: int = 200
     and written ``CHUNK_USERS`` users at a time (a file each), so memory stays bounded.
     """
     import pyarrow.parquet as pq
-
-    from fearec_dist.storage import resolve
 
     fs, root = resolve(uri, storage)
     fs.create_dir(root, recursive=True)

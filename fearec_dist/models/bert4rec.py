@@ -211,6 +211,9 @@ def loss_terms(
     Args:
         model: the bare BERT4Rec; ``forward``: the forward with gradient sync (DDP), default
             ``model``. batch: ``item_seq`` (B, L), ``seq_len`` (B,).
+        softmax: this step's sampled softmax, or None for the full CE. Its in-batch candidates
+            are the labelled slots' items; their logQ correction uses the next-item target
+            counts, which slot labels only approximately follow (see ``softmax.py``).
 
     Returns:
         ``{"loss": ce, "ce": ce.detach()}``: CE summed over labelled slots / their count.

@@ -223,6 +223,8 @@ def loss_terms(
         batch: ``item_seq`` (B, L), ``seq_len`` (B,), ``target`` (B,); ``pos_seq`` (B, L) and
             ``pos_len`` (B,), the same-target partner, when ``needs_partner``.
         gather: cross-worker gather for the InfoNCE candidates (see losses.py), or None.
+        softmax: this step's sampled softmax for the ``ce`` term (``softmax.StepSoftmax``), or
+            None for the full CE over every item (the reference).
 
     Returns:
         ``loss`` (the weighted total) and the unweighted terms present: ``ce``, ``nce``,

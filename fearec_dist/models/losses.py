@@ -8,8 +8,9 @@ flowing back into each worker's part, and the offset of this worker's rows. ``No
 process, i.e. ``(x, 0)``. Collectives must run in the same order on every rank, so a view is
 gathered once per step (`Candidates` remembers it) and only when a contrastive term needs it.
 
-Every loss here is a mean over the local rows. The trainer multiplies worker w's loss by
-n_w·W/N and DDP averages the gradients, so W shards give the whole batch's loss and gradients.
+Every loss here is a mean over the local rows. Every worker's batch has the same size (the feed
+gives each rank the same number of rows per step), so DDP's average of the W workers' gradients
+is the gradient of the whole batch's mean loss; no rescaling is needed.
 """
 
 from __future__ import annotations

@@ -19,7 +19,13 @@ Yi et al. 2019 for the in-batch correction):
   (``train.seed``, epoch, step): every rank draws the same K ids, and a resumed run the same ones;
 - ``train.logq_correction``: each candidate's logit minus log E[count of the item among the
   candidates] = log(N·p_train(c) + K·q(c)) (in-batch targets appear ∝ their training frequency,
-  p_train; the sampler draws q). The positive is not corrected: it is always there, not drawn.
+  p_train(c) = count(c) / T over the T training targets, ``in_batch_probability``; the sampler
+  draws q). The positive is not corrected: it is always there, not drawn.
+  **An approximation for BERT4Rec:** its in-batch candidates are the labels of masked slots,
+  drawn from every position of a sequence (its first item included), not next-item targets, so
+  they do not follow the next-item counts p_train assumes; the correction is then only close
+  to right (nearly so for long sequences, where the two distributions are alike), and items
+  never seen as a next-item target get the floor count 1.
   With accidental hits masked, E[Σ_c exp(s_c) / E[n_c]] = Σ_{j != target} exp(s_j), so
   exp(s_target) + that sum estimates the full softmax's normaliser without the popularity bias
   of the candidates (importance sampling, Bengio & Senécal 2008);
@@ -36,7 +42,7 @@ with ``sparse=True`` (``train.sparse_item_updates``) gets a row-sparse gradient.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -90,6 +96,22 @@ def sampled_ce(
     return F.cross_entropy(logits, labels, reduction=reduction)
 
 
+def in_batch_probability(counts: np.ndarray) -> np.ndarray:
+    """(V,) p_train(c): the probability that an in-batch candidate (a training target) is item
+    c, count(c) / T with T the true number of training targets. An item with no training count
+    (e.g. a BERT4Rec slot labelled with a sequence's first item, which is never a next-item
+    target) gets the floor 1 / T, as if seen once, so its logQ stays finite; the floor is not
+    added to T, so the real targets' probabilities are not diluted. Padding (0) is 0."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts[1:].sum()
+    if total <= 0:
+        raise ValueError("the training-target counts are all zero")
+    p = counts / total
+    p[1:][counts[1:] <= 0] = 1.0 / total
+    p[0] = 0.0
+    return p
+
+
 def step_seed(seed: int, epoch: int, step: int) -> int:
     """The negatives' seed of one optimizer step, the same on every rank and after a resume."""
     return int(np.random.SeedSequence([seed, epoch, step, 0x5EED]).generate_state(1)[0])
@@ -133,12 +155,24 @@ class NegativeSampler:
         return idx + 1
 
 
+@dataclass(frozen=True)
+class SoftmaxOptions:
+    """The sampled softmax's settings (the trainer fills them from ``train.*``)."""
+
+    n_negatives: int = 1024  # train.n_negatives: K shared draws per step
+    sampler: str = "uniform"  # train.negative_sampler: uniform | popularity
+    alpha: float = 1.0  # train.negative_alpha: popularity exponent
+    in_batch: bool = True  # train.in_batch_negatives
+    logq: bool = True  # train.logq_correction
+    temperature: float = 1.0  # train.softmax_temperature
+    seed: int = 0  # train.seed: the draws of step (epoch, step) come from (seed, epoch, step)
+
+
 class SampledSoftmax:
-    """A run's sampled-softmax settings; ``at_step(epoch, step)`` gives one step's candidates.
+    """A run's sampled softmax; ``at_step(epoch, step)`` gives one step's candidates.
 
     Args:
-        train: the train config section (``n_negatives``, ``negative_sampler``, ``negative_alpha``,
-            ``in_batch_negatives``, ``logq_correction``, ``softmax_temperature``, ``seed``).
+        options: the settings.
         n_items: real items (ids 1..n_items).
         counts: (n_items + 1,) training-target counts (the examples' ``item_counts``).
         device: where the logits live.
@@ -147,25 +181,20 @@ class SampledSoftmax:
 
     def __init__(
         self,
-        train: Any,
+        options: SoftmaxOptions,
         n_items: int,
         counts: np.ndarray,
         device: torch.device,
         gather_ids: GatherIds | None = None,
     ) -> None:
         self.n_items, self.device, self.gather_ids = n_items, device, gather_ids
-        self.seed, self.k = train.seed, train.n_negatives
-        self.in_batch, self.logq = train.in_batch_negatives, train.logq_correction
-        self.temperature = train.softmax_temperature
-        self.sampler = NegativeSampler(
-            train.negative_sampler, n_items, counts, train.negative_alpha
+        self.seed, self.k = options.seed, options.n_negatives
+        self.in_batch, self.logq = options.in_batch, options.logq
+        self.temperature = options.temperature
+        self.sampler = NegativeSampler(options.sampler, n_items, counts, options.alpha)
+        self.p_train = torch.as_tensor(
+            in_batch_probability(counts), dtype=torch.float32, device=device
         )
-        counts = np.asarray(counts, dtype=np.float64)
-        # an in-batch candidate is a training target: p_train ∝ its count (floored at 1, so a
-        # target the counts missed, e.g. a BERT4Rec slot at a first item, keeps a finite logQ)
-        p = np.maximum(counts, 1.0)
-        p[0] = 0.0
-        self.p_train = torch.as_tensor(p / p.sum(), dtype=torch.float32, device=device)
         self.q = torch.as_tensor(self.sampler.prob, dtype=torch.float32, device=device)
 
     def at_step(self, epoch: int, step: int) -> StepSoftmax:

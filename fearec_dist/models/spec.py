@@ -7,10 +7,12 @@ V = n_items + 1 scored rows (padding 0 and the items).
 Functions a spec carries, each taking the **bare** module (never a DDP wrapper; nothing in
 ``models/`` unwraps ``.module``):
 
-- ``loss_terms(model, batch, gather=None, forward=None) -> {"loss": total, term: value, …}``:
-  ``forward`` is the callable that runs the forward pass with gradient sync (the trainer passes
-  its DDP wrapper; default: ``model`` itself). Attributes (config, tables) are read from
-  ``model``; every forward of the loss goes through ``forward``.
+- ``loss_terms(model, batch, gather=None, forward=None, softmax=None) -> {"loss": total, term:
+  value, …}``: ``forward`` is the callable that runs the forward pass with gradient sync (the
+  trainer passes its DDP wrapper; default: ``model`` itself). Attributes (config, tables) are
+  read from ``model``; every forward of the loss goes through ``forward``. ``softmax`` is this
+  step's sampled softmax (``softmax.StepSoftmax``: shared negatives, in-batch targets, logQ), or
+  None for the full next-item CE over every item.
 - ``pretrain_loss_terms`` (same signature), where a model has a pretraining stage (S3Rec).
 - ``encode(model, batch) -> (B, D)``: the sequence representation that ranks the next item.
 - ``item_table(model) -> (weights (V, D), bias (V,) or None)``: what ``encode`` is scored
@@ -30,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from fearec_dist.config import ConfigError
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[..., dict[str, torch.Tensor]]
@@ -77,8 +81,6 @@ class ModelSpec:
         if stage != "pretrain":
             return self.loss_terms
         if self.pretrain_loss_terms is None:
-            from fearec_dist.config import ConfigError
-
             raise ConfigError(f"train.stage: model {self.name!r} has no pretraining stage")
         return self.pretrain_loss_terms
 

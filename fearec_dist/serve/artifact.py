@@ -32,6 +32,8 @@ import numpy as np
 import pyarrow as pa
 
 from fearec_dist.config import StorageSection
+from fearec_dist.serve.index import deserialize, set_search_params
+from fearec_dist.storage import read_bytes, read_json
 
 EXPORT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -139,8 +141,6 @@ def load_export(
     """
     import pyarrow.parquet as pq
 
-    from fearec_dist.storage import read_bytes, read_json
-
     root = uri.rstrip("/")
     try:
         manifest = read_json(f"{root}/{MANIFEST}", storage)
@@ -166,7 +166,6 @@ def load_export(
                 f"{root}: this export has no ANN index; export it with --index ivf|hnsw, or "
                 "drop --ann (the exact top-k)"
             )
-        from fearec_dist.serve.index import deserialize, set_search_params
 
         export.index = deserialize(read_bytes(f"{root}/{info['file']}", storage))
         set_search_params(export.index, info["kind"], info["params"])

@@ -29,7 +29,18 @@ import pyarrow as pa
 
 from fearec_dist.config import StorageSection
 from fearec_dist.data.sequences import list_csr
-from fearec_dist.serve.artifact import ServeError, vocab_checksum
+from fearec_dist.serve.artifact import ServeError, load_export, vocab_checksum
+from fearec_dist.serve.recommend import Histories, item_tables, map_histories, recommend_batch
+from fearec_dist.storage import (
+    delete_dir,
+    exists,
+    list_children,
+    read_bytes,
+    read_parquet_dataset,
+    redact,
+    resolve,
+    write_json,
+)
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -49,8 +60,6 @@ def read_vocab(prepared_uri: str, name: str, storage: StorageSection) -> pa.Arra
     import io
 
     import pyarrow.parquet as pq
-
-    from fearec_dist.storage import read_bytes
 
     uri = f"{prepared_uri.rstrip('/')}/vocab/{name}.parquet"
     table = pq.read_table(io.BytesIO(read_bytes(uri, storage)), columns=["id", "raw"])
@@ -73,9 +82,6 @@ class BatchRecommender:
     def __init__(self, export_uri: str, options: dict[str, Any], storage: dict) -> None:
         import torch
 
-        from fearec_dist.serve.artifact import load_export
-        from fearec_dist.serve.recommend import item_tables
-
         torch.set_num_threads(max(1, int(options["threads"])))
         self.o = options
         store = StorageSection(**storage)
@@ -90,7 +96,6 @@ class BatchRecommender:
                 self.item_raw = read_vocab(options["prepared"], "items", store)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from fearec_dist.serve.recommend import Histories, map_histories, recommend_batch
 
         o = self.o
         if self.users is not None:  # a prepared dataset: internal user and item ids
@@ -195,17 +200,6 @@ def run_batch(
     """
     import ray.data
 
-    from fearec_dist.serve.artifact import load_export
-    from fearec_dist.storage import (
-        delete_dir,
-        exists,
-        list_children,
-        read_parquet_dataset,
-        redact,
-        resolve,
-        write_json,
-    )
-
     start = time.time()
     storage = storage or StorageSection()
     export = load_export(export_uri, storage, with_encoder=False, with_index=ann)
@@ -270,8 +264,6 @@ def _summarize(out: str, storage: StorageSection) -> dict[str, Any]:
     """Counts from the written files (two small columns, read file by file)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
-
-    from fearec_dist.storage import resolve
 
     fs, path = resolve(out, storage)
     dataset = pads.dataset(path, filesystem=fs, format="parquet")

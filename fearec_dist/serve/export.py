@@ -23,13 +23,15 @@ import io
 import math
 import posixpath
 import time
+import uuid
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fearec_dist.config import ExperimentConfig, StorageSection
+from fearec_dist.config import StorageSection
+from fearec_dist.data.examples import ExamplesInfo, dense, iter_eval_rows
 from fearec_dist.serve.artifact import (
     ENCODER,
     EXPORT_VERSION,
@@ -41,6 +43,7 @@ from fearec_dist.serve.artifact import (
     items_table,
     vocab_checksum,
 )
+from fearec_dist.train.build import rebuild_model
 
 VERIFY_ROWS = 256  # test histories the exported encoder is checked on, against the model
 MAX_BATCH = 1 << 20
@@ -99,23 +102,6 @@ def default_output(run_uri: str, checkpoint_uri: str) -> str:
     return f"{run}/export"
 
 
-def rebuild_model(state: dict[str, Any]) -> tuple[nn.Module, Any, Any]:
-    """A checkpoint's model with its best validation weights, in eval mode (built as the
-    trainer and ``evaluate`` build it, S3Rec's attribute table included).
-
-    Returns:
-        (model, its ModelSpec, the ExperimentConfig).
-    """
-    from fearec_dist.models import get_spec
-    from fearec_dist.train.stages import build_run_model
-
-    cfg = ExperimentConfig.from_dict(state["config"], "checkpoint config")
-    spec = get_spec(cfg.model.name)
-    model = build_run_model(spec, cfg, state["data"])
-    model.load_state_dict(state.get("best_model") or state["model"])
-    return model.eval(), spec, cfg
-
-
 def read_item_vocab(prepared_uri: str, n_items: int, storage: StorageSection) -> list[str]:
     """Raw item ids of internal ids 1..N from ``<prepared>/vocab/items.parquet``."""
     import pyarrow.parquet as pq
@@ -167,12 +153,11 @@ def export_run(
     out = (output_uri or default_output(run_uri, checkpoint)).rstrip("/")
     _check_output(out, storage)
     state = load_state_uri(checkpoint, storage)
-    model, spec, cfg = rebuild_model(state)
-    data = state["data"]
-    n_items = int(data["n_items"])
+    model, spec, cfg, data = rebuild_model(state, checkpoint)
+    n_items = data.n_items
     say(
         f"[fearec-dist] exporting {cfg.model.name} ({n_items:,} items, "
-        f"L={data['max_seq_len']}) from {redact(checkpoint)} -> {redact(out)}"
+        f"L={data.max_seq_len}) from {redact(checkpoint)} -> {redact(out)}"
     )
     progress = state["progress"]
     return write_export(
@@ -181,8 +166,8 @@ def export_run(
         spec,
         cfg.model.name,
         cfg.model.params,
-        read_item_vocab(data["prepared_uri"], n_items, storage),
-        read_training_counts(data["prepared_uri"], n_items, storage),
+        read_item_vocab(data.prepared_uri, n_items, storage),
+        read_training_counts(data.prepared_uri, n_items, storage),
         metrics={
             "test": progress.get("test", {}),
             "valid": progress.get("valid", {}),
@@ -190,8 +175,8 @@ def export_run(
         },
         source={
             "checkpoint": redact(checkpoint),
-            "prepared": redact(data["prepared_uri"]),
-            "examples_fingerprint": data.get("fingerprint"),
+            "prepared": redact(data.prepared_uri),
+            "examples_fingerprint": data.fingerprint,
         },
         verify_on=_test_histories(data, storage),
         index=index,
@@ -260,6 +245,8 @@ def write_export(
 
     manifest: dict[str, Any] = {
         "export_version": EXPORT_VERSION,
+        # unique per export: two exports of one dataset share the vocab checksum, not this
+        "export_id": uuid.uuid4().hex,
         "model": model_name,
         "model_config": model_config,
         "n_items": len(raw_ids),
@@ -334,14 +321,13 @@ def write_index(
 
 
 def _test_histories(
-    data: dict[str, Any], storage: StorageSection
+    data: ExamplesInfo, storage: StorageSection
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Up to VERIFY_ROWS of the run's test histories (item_seq (T, L), seq_len (T,)), cut from
     the prepared sequences; None when they cannot be read."""
-    from fearec_dist.data.examples import dense, iter_eval_rows
-
     try:
-        rows = next(iter_eval_rows(data, "test", VERIFY_ROWS, storage), None)
+        rows = iter_eval_rows(data.prepared_uri, data.max_seq_len, "test", VERIFY_ROWS, storage)
+        rows = next(rows, None)
     except (OSError, ValueError, FileNotFoundError, KeyError):
         return None
     if rows is None or rows.num_rows == 0:

@@ -23,7 +23,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from fearec_dist.data.popularity import popularity_ranking
 from fearec_dist.serve.artifact import Export, ServeError
+from fearec_dist.serve.index import query_vectors, search
 
 SCORE_CHUNK = 1 << 24  # B × C scores per chunk of the exact top-k (64 MiB of float32)
 FALLBACKS = ("none", "popularity")
@@ -158,7 +160,6 @@ def ann_topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k from the FAISS index; with ``exclude`` it asks for k + the longest history and
     filters, so a row still gets k items unless the index returned fewer."""
-    from fearec_dist.serve.index import query_vectors, search
 
     extra = int(exclude.lengths.max()) if exclude is not None and len(exclude.items) else 0
     queries = query_vectors(seq_repr.cpu().numpy(), export.bias is not None)
@@ -214,8 +215,6 @@ def recommend_batch(
         ids[filled, : top_i.shape[1]], scores[filled, : top_s.shape[1]] = top_i, top_s
     if empty.any():
         if fallback == "popularity":
-            from fearec_dist.data.popularity import popularity_ranking
-
             pop_ids, pop_counts = popularity_ranking(export.train_counts, k)
             ids[empty, : len(pop_ids)] = pop_ids
             scores[empty, : len(pop_ids)] = pop_counts.astype(np.float32)

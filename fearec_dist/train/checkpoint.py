@@ -1,7 +1,6 @@
 """Checkpoint state: everything an exact resume needs, in one ``state.pt`` per checkpoint dir.
 
-Owns building the state (``build_train_state``: model, optimizer, progress; ``build_optimizer``;
-``TrainState.to_state``), restoring it (``TrainState.restore``), the
+Owns the state (``TrainState``: ``to_state``, ``restore``; it is built by ``build.py``), the
 per-rank RNG states (``rng_state``/``set_rng_state``/``gather_rng_states``), and the files
 (``save_state``, ``load_state``, ``load_state_uri``, ``latest_checkpoint``).
 
@@ -27,18 +26,23 @@ not a complete file.
 from __future__ import annotations
 
 import copy
+import io
 import os
 import random
+import tempfile
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
+import torch.distributed as dist
 
-from fearec_dist.config import ExperimentConfig
-from fearec_dist.models.spec import ModelSpec
-from fearec_dist.train.distributed import SPARSE_TABLE
+from fearec_dist.data.examples import ExamplesInfo
+from fearec_dist.storage import resolve
+from fearec_dist.train.console import say
 from fearec_dist.train.progress import Progress
 
 STATE_FILE = "state.pt"
@@ -85,8 +89,6 @@ def gather_rng_states(rank: int, world: int) -> list[dict[str, Any]] | None:
     A collective: every rank calls it. Without a process group (one worker, debug mode) it is
     this process's state alone.
     """
-    import torch.distributed as dist
-
     mine = rng_state()
     if world == 1 or not dist.is_available() or not dist.is_initialized():
         return [mine]
@@ -105,62 +107,6 @@ def restore_rng_state(saved: list[dict[str, Any]], rank: int) -> bool:
     return True
 
 
-def build_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float, sparse_items: bool = False
-) -> Any:
-    """Adam (spec §9); weight decay, when asked for, only on matrices (nanoGPT's grouping).
-
-    ``sparse_items`` (``train.sparse_item_updates``): the item table gets ``SparseAdam`` (lazy
-    Adam: only the rows a step touched move, and their moments; no weight decay) and every other
-    parameter the optimizer above, both behind one ``SplitOptimizer``.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    table = [p for n, p in named if sparse_items and n == SPARSE_TABLE]
-    params = [p for n, p in named if not (sparse_items and n == SPARSE_TABLE)]
-    if weight_decay == 0:
-        dense: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr)
-    else:
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        dense = torch.optim.AdamW(groups, lr=lr)
-    if not table:
-        return dense
-    return SplitOptimizer(dense, torch.optim.SparseAdam(table, lr=lr))
-
-
-class SplitOptimizer:
-    """The dense optimizer and the item table's ``SparseAdam``, stepped and saved together."""
-
-    def __init__(self, dense: torch.optim.Optimizer, sparse: torch.optim.Optimizer) -> None:
-        self.dense, self.sparse = dense, sparse
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.dense.param_groups + self.sparse.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.dense.zero_grad(set_to_none=set_to_none)
-        self.sparse.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        self.dense.step()
-        self.sparse.step()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"dense": self.dense.state_dict(), "sparse": self.sparse.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"dense", "sparse"}:
-            raise ValueError(
-                "the checkpoint's optimizer was saved without train.sparse_item_updates: "
-                "resume with the setting it was trained with"
-            )
-        self.dense.load_state_dict(state["dense"])
-        self.sparse.load_state_dict(state["sparse"])
-
-
 @dataclass
 class TrainState:
     """What a checkpoint saves and restores: the bare module, its optimizer, the progress and
@@ -177,7 +123,7 @@ class TrainState:
         self.best_model = {k: v.detach().cpu().clone() for k, v in state.items()}
 
     def to_state(
-        self, rng: list[dict[str, Any]], config: dict[str, Any], info: dict[str, Any]
+        self, rng: list[dict[str, Any]], config: dict[str, Any], info: ExamplesInfo
     ) -> dict[str, Any]:
         """The checkpoint dict (``rng``: every rank's states, from ``gather_rng_states``)."""
         return {
@@ -187,7 +133,7 @@ class TrainState:
             "best_model": self.best_model,
             "rng": rng,
             "config": config,
-            "data": {k: v for k, v in info.items() if k != "buckets"},
+            "data": info.to_dict(),
         }
 
     def restore_from(self, checkpoint: Any, rank: int, device: torch.device) -> None:
@@ -200,8 +146,6 @@ class TrainState:
         failed reading file")."""
         self.restore(load_checkpoint_state(checkpoint, device), rank)
         if rank == 0:
-            from fearec_dist.train.console import say
-
             epoch, step = self.progress.epoch + 1, self.progress.partial.get("steps", 0)
             say(f"[fearec-dist] resumed at epoch {epoch} step {step} ({checkpoint.path})")
 
@@ -232,10 +176,6 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_checkpoint_state(checkpoint: Any, map_location: Any = "cpu") -> dict[str, Any]:
     """The state of a ``ray.train.Checkpoint``, read into this process (local or remote)."""
-    import io
-
-    import pyarrow.fs as pafs
-
     if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
         return load_state(checkpoint.path, map_location)
     with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:
@@ -248,12 +188,6 @@ def load_state_uri(uri: str, storage: Any = None) -> dict[str, Any]:
     local = Path(uri.removeprefix("file://"))
     if "://" not in uri or uri.startswith("file://"):
         return load_state(local)
-    import tempfile
-
-    import pyarrow.fs as pafs
-
-    from fearec_dist.storage import resolve
-
     fs, path = resolve(uri, storage)
     with tempfile.TemporaryDirectory() as tmp:
         source = f"{path.rstrip('/')}/{STATE_FILE}"
@@ -264,10 +198,6 @@ def load_state_uri(uri: str, storage: Any = None) -> dict[str, Any]:
 def is_complete(fs: Any, path: str) -> bool:
     """Whether ``path/state.pt`` exists and is a whole file: ``torch.save`` writes a zip whose
     central directory comes last, so a copy cut short (or not yet written) fails to open."""
-    import zipfile
-
-    import pyarrow.fs as pafs
-
     source = f"{path.rstrip('/')}/{STATE_FILE}"
     if fs.get_file_info(source).type != pafs.FileType.File:
         return False
@@ -284,10 +214,6 @@ def latest_checkpoint(uri: str, storage: Any = None) -> str:
     Incomplete checkpoint directories (a crash during the copy into storage) are skipped, so a
     half-written checkpoint is never picked up.
     """
-    import pyarrow.fs as pafs
-
-    from fearec_dist.storage import resolve
-
     fs, path = resolve(uri, storage)
     if fs.get_file_info(f"{path}/{STATE_FILE}").type == pafs.FileType.File:
         if not is_complete(fs, path):
@@ -306,20 +232,3 @@ def latest_checkpoint(uri: str, storage: Any = None) -> str:
         if is_complete(fs, f"{path}/{name}"):
             return f"{uri.rstrip('/')}/{name}"
     raise FileNotFoundError(f"{uri}: neither a checkpoint nor a run directory with a complete one")
-
-
-def build_train_state(
-    spec: ModelSpec, cfg: ExperimentConfig, info: dict[str, Any], device: torch.device, fresh: bool
-) -> TrainState:
-    """The bare model on ``device`` (a fresh finetune starts from the pretrained encoder), its
-    optimizer and an empty progress."""
-    from fearec_dist.train.stages import build_run_model, start_from_pretrained
-
-    t = cfg.train
-    module = build_run_model(spec, cfg, info).to(device)
-    if t.stage == "finetune" and fresh:
-        start_from_pretrained(spec, module, cfg)
-    if t.sparse_item_updates:  # row-sparse gradients of the item table (lookups and candidates)
-        module.item_embedding.sparse = True
-    optimizer = build_optimizer(module, t.lr, t.weight_decay, t.sparse_item_updates)
-    return TrainState(module, optimizer, Progress())

@@ -16,29 +16,35 @@ chunk, so memory is bounded by B × C scores whatever the catalogue size (the (B
 exists). The result is exact: rank = 1 + Σ over chunks of #{items c ≠ target, c ≠ 0 :
 score_c > score_target}, the same count as over the full matrix.
 
-Ties (spec/evaluation.md §2: ties go to the target): the target's score is computed once per
-row as a batched dot product under the same autocast and compared in float32, like every chunk's
-scores. With amp a low-precision product is rounded like the matmul's output, so ties after
-rounding still go to the target; only an item whose float32 score differs from the target's by
-the rounding of a different summation order (a near-duplicate item row) can be counted otherwise
+Precision: scores are computed and compared in float32 (float64 stays float64: the popularity
+baseline's counts), whatever ``train.amp`` says. Under a bf16 autocast the products would be
+rounded to 8 bits of mantissa, many items would tie with the target, and ties go to the target
+(spec/evaluation.md §2): metrics would be inflated on a GPU (random D = 64 tables at 400k items:
+NDCG@10 +9 %), and differ from ``fearec-dist evaluate``'s on the CPU for the same weights. Only
+the encoder may run under autocast, when ``train.eval_amp`` asks; its output is cast to float32
+before it is scored. The target's score is computed once per row as a batched dot product and
+compared with every chunk's scores; only an item whose score differs from the target's by the
+rounding of a different summation order (a near-duplicate item row) can be counted otherwise
 than a full matrix would count it. The target's own column is excluded by index, never by
 comparison, so it never beats itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from fearec_dist.config import ExperimentConfig, StorageSection, TrainSection
+from fearec_dist.config import StorageSection, TrainSection
 from fearec_dist.data.examples import iter_eval_rows, sample_users
 from fearec_dist.data.feed import eval_batch_from_arrow
+from fearec_dist.data.popularity import read_training_counts
 from fearec_dist.models.spec import scores_against
+from fearec_dist.storage import read_json
+from fearec_dist.train.build import rebuild_model
 from fearec_dist.train.checkpoint import latest_checkpoint, load_state_uri
 from fearec_dist.train.device import autocast_for, to_device
 from fearec_dist.train.metrics import MetricAccumulator
@@ -60,8 +66,9 @@ class Scorer(Protocol):
         ...
 
 
-def _compared(x: torch.Tensor) -> torch.Tensor:
-    """Scores as compared: float32 (float64 stays float64: the popularity baseline's counts)."""
+def _scored(x: torch.Tensor) -> torch.Tensor:
+    """Queries and item rows as scored: float32 (float64 stays float64: the popularity
+    baseline's counts)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
@@ -69,7 +76,7 @@ def target_scores(
     query: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor
 ) -> torch.Tensor:
     """Each row's score of its own target, the product ``scores_against`` computes for that
-    column, as a batched (1 × D) @ (D × 1) matmul (so autocast rounds it like the chunks).
+    column, as a batched (1 × D) @ (D × 1) matmul.
 
     Args:
         query: (B, D).
@@ -91,7 +98,6 @@ def chunked_ranks(
     seen_rows: torch.Tensor | None = None,
     seen_items: torch.Tensor | None = None,
     item_chunk: int = 65536,
-    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks of the targets among item rows 1..V-1, history kept and history masked, scoring
     ``item_chunk`` rows of the table at a time.
@@ -107,16 +113,18 @@ def chunked_ranks(
         seen_rows, seen_items: (S,) history entries (row ``seen_rows[i]`` has seen
             ``seen_items[i]``), or None: the masked ranks are then the kept ones.
         item_chunk: C, the item rows scored at a time (memory: B × C scores and flags).
-        autocast: a factory of the autocast context the products run in.
 
     Returns:
         ``(ranks, masked_ranks)``, each (B,) long, 1 = best.
     """
     if item_chunk < 1:
         raise ValueError(f"item_chunk must be >= 1, got {item_chunk}")
+    query, weights = _scored(query), _scored(weights)
+    bias = None if bias is None else _scored(bias)
     n_rows, n_cols = query.shape[0], weights.shape[0]
-    with autocast():
-        threshold = _compared(target_scores(query, weights, bias, target))[:, None]  # (B, 1)
+    # autocast off: an enclosing autocast (the trainer's) must not round the products
+    with torch.autocast(query.device.type, enabled=False):
+        threshold = target_scores(query, weights, bias, target)[:, None]  # (B, 1)
     starts = list(range(0, n_cols, item_chunk))
     bounds: list[int] = [0] * (len(starts) + 1)
     if seen_rows is not None and seen_items is not None:
@@ -130,9 +138,9 @@ def chunked_ranks(
     beaten_masked = torch.zeros_like(beaten)
     for i, c0 in enumerate(starts):
         c1 = min(c0 + item_chunk, n_cols)
-        with autocast():
+        with torch.autocast(query.device.type, enabled=False):
             scores = scores_against(query, weights[c0:c1], None if bias is None else bias[c0:c1])
-        wins = _compared(scores) > threshold  # (B, C) item beats the row's target
+        wins = scores > threshold  # (B, C) item beats the row's target
         if c0 == 0:
             wins[:, 0] = False  # padding is never a candidate
         # the target's own column, taken off by index (no comparison, no host sync)
@@ -169,8 +177,8 @@ def evaluate(
         batches: evaluation rows with ``item_seq``/``seq_len``/``target`` and ``seen``.
         topk: the K of every metric.
         device: where the batches go (the model's device).
-        amp: ``train.amp``; autocast covers ``encode`` and the score products, comparisons are
-            in float32.
+        amp: the autocast of ``encode`` alone (``train.amp`` when ``train.eval_amp``, else
+            "off"); the scores and their comparisons are float32 whatever it says.
         all_reduce: sum the metrics over the workers' process group.
         item_chunk: item rows scored at a time (``train.eval_item_chunk``).
 
@@ -196,7 +204,6 @@ def evaluate(
             batch.get("seen_rows"),
             batch.get("seen_items"),
             item_chunk,
-            lambda: autocast_for(device, amp),
         )
         acc.add(ranks, masked)
     model.train(was_training)
@@ -236,26 +243,20 @@ def evaluate_checkpoint(
         ``{"valid": {...}, "test": {...}, "n_valid", "n_test", "users", "checkpoint",
         "epochs_run", "best_epoch"}``.
     """
-    from fearec_dist.models import get_spec
-    from fearec_dist.train.stages import build_run_model
-
     storage = storage or StorageSection()
     uri = latest_checkpoint(uri, storage)
     state = load_state_uri(uri, storage)
-    cfg = ExperimentConfig.from_dict(state["config"], f"{uri} (checkpoint config)")
-    data = state["data"]
-    spec = get_spec(cfg.model.name)
-    model = build_run_model(spec, cfg, data)
-    model.load_state_dict(state.get("best_model") or state["model"])
-    ids, sample = user_sample(int(data["n_users"]), users, cfg.train.seed if seed is None else seed)
+    model, spec, cfg, info = rebuild_model(state, uri)
+    ids, sample = user_sample(info.n_users, users, cfg.train.seed if seed is None else seed)
     out: dict[str, Any] = {"checkpoint": uri, "epochs_run": state["progress"]["epoch"]}
     out["best_epoch"] = state["progress"]["best_epoch"]
     out["users"] = sample
     t, cpu = cfg.train, torch.device("cpu")
     for split in ("valid", "test"):
-        batches = iter_eval_rows(data, split, t.eval_batch_size, storage, users=ids)
+        rows = iter_eval_rows(info.prepared_uri, info.max_seq_len, split, t.eval_batch_size,
+                              storage, users=ids)  # fmt: skip
         metrics = evaluate(
-            model, spec, batches, t.topk, cpu, all_reduce=False, item_chunk=t.eval_item_chunk
+            model, spec, rows, t.topk, cpu, all_reduce=False, item_chunk=t.eval_item_chunk
         )
         out[split] = {k: v for k, v in metrics.items() if k != "n_users"}
         out[f"n_{split}"] = metrics["n_users"]
@@ -314,22 +315,18 @@ def evaluate_popularity(
     Returns:
         ``{"baseline", "data", "max_seq_len", "valid", "test", "n_valid", "n_test", "users"}``.
     """
-    from fearec_dist.data.popularity import read_training_counts
-    from fearec_dist.storage import read_json
-
     storage = storage or StorageSection()
     prepared_uri = prepared_uri.rstrip("/")
     meta = read_json(f"{prepared_uri}/meta.json", storage)
     n_items, n_users = int(meta["n_items"]), int(meta["n_users"])
     scorer = PopularityScorer.from_counts(read_training_counts(prepared_uri, n_items, storage))
-    info = {"prepared_uri": prepared_uri, "max_seq_len": max_seq_len, "n_users": n_users}
     ids, sample = user_sample(n_users, users, seed)
     out: dict[str, Any] = {"baseline": "popularity", "data": prepared_uri}
     out |= {"max_seq_len": max_seq_len, "users": sample}
     topk = list(topk or TrainSection().topk)
     no_model, cpu = torch.nn.Module(), torch.device("cpu")
     for split in ("valid", "test"):
-        batches = iter_eval_rows(info, split, batch_size, storage, users=ids)
+        batches = iter_eval_rows(prepared_uri, max_seq_len, split, batch_size, storage, users=ids)
         metrics = evaluate(
             no_model, scorer, batches, topk, cpu, all_reduce=False, item_chunk=item_chunk
         )

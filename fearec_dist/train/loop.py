@@ -4,28 +4,40 @@
     fearec-dist train --config jobs/configs/demo.yaml --local --workers 2   # DDP on this machine
     ray job submit -- python -m fearec_dist train --config …        # on a running cluster
 
-Owns ``train_func`` (the short story: build the model -> restore -> shards -> epochs -> report),
-``train_one_epoch`` (the per-step loss: ``spec.loss_terms`` with candidates gathered from every
-worker with gradient, then the DDP step) and ``build_optimizer``. The rooms it calls: the
-training feed (``data/feed.py``), evaluation scoring (``evaluate.py``), checkpoint state
-(``checkpoint.py``), S3Rec's stages (``stages.py``), the epoch report (``report.py``).
+Owns ``train_func`` (the short story: build -> restore -> feed -> evaluation rows -> epochs),
+``build_step_context`` (everything a step uses, built once per worker), ``train_one_epoch`` (the
+per-step loss: ``spec.loss_terms`` with candidates gathered from every worker with gradient,
+then the DDP step) and ``run_epoch`` (train, evaluate when due, report). The rooms it calls:
+building the model, optimizer and softmax (``build.py``), the training feed (``data/feed.py``),
+evaluation scoring (``evaluate.py``), checkpoint state (``checkpoint.py``), the epoch report
+(``report.py``).
 
 Test metrics are computed whenever validation improves, so the latest report and
 ``results.json`` always hold the test score of the best epoch, even when Tune's ASHA stops the
 trial early.
+
+Importable without Ray (a GPU machine without Ray runs ``train_one_epoch`` on an in-memory feed):
+Ray is imported inside the functions that talk to Ray Train.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fearec_dist.config import ExperimentConfig, TrainSection
+from fearec_dist.data.examples import ExamplesInfo
 from fearec_dist.data.feed import TrainFeed
+from fearec_dist.models import get_spec
+from fearec_dist.models.softmax import SampledSoftmax
+from fearec_dist.models.spec import ModelSpec
 from fearec_dist.train import checkpoint as ckpt
+from fearec_dist.train.build import build_softmax, build_train_state
 from fearec_dist.train.console import (
     StepProgress,
     head_line,
@@ -40,54 +52,68 @@ from fearec_dist.train.evaluate import evaluate
 from fearec_dist.train.faults import kill_if_asked
 from fearec_dist.train.progress import epoch_row, prefixed
 from fearec_dist.train.report import Reporter
-from fearec_dist.train.stages import build_softmax
+
+Score = Callable[[str], dict[str, float]]  # split -> metrics of this worker's shard, all-reduced
+
+
+@dataclass
+class StepContext:
+    """What every training step of one worker uses, built once per run.
+
+    ``model`` is the DDP wrapper (its forward syncs gradients), ``module`` the bare model the
+    loss reads its attributes from; without DDP both are the same module. ``softmax`` (a
+    ``SampledSoftmax``, or None for the full softmax) draws each step's shared negatives from
+    (seed, epoch, step), so a resumed epoch draws the same ones; ``sparse_table`` is the item
+    table whose row-sparse gradient is averaged over the ranks before the step
+    (``train.sparse_item_updates``). ``feed``: a ``TrainFeed``, or any object with its
+    ``epoch(e, skip)``, ``steps``, ``rank`` and ``stats`` (``data/pairing.py``'s in-memory one).
+    """
+
+    model: torch.nn.Module
+    module: torch.nn.Module
+    loss_terms: Callable[..., dict[str, torch.Tensor]]
+    optimizer: Any
+    feed: Any
+    device: torch.device
+    amp: str = "off"
+    gather: Any = None
+    softmax: SampledSoftmax | None = None
+    sparse_table: torch.nn.Parameter | None = None
 
 
 def train_one_epoch(
-    model: torch.nn.Module,
-    module: torch.nn.Module,
-    loss_terms: Any,
-    feed: TrainFeed,
+    run: StepContext,
     epoch: int,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    amp: str,
-    gather: Any,
     partial: dict[str, Any] | None = None,
-    on_step: Any = None,
-    softmax: Any = None,
-    sparse_table: torch.nn.Parameter | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, float]:
     """One pass over this worker's batches; returns mean loss terms, samples and timings.
 
-    ``model`` is the DDP wrapper (its forward syncs gradients), ``module`` the bare model the
-    loss reads its attributes from; without DDP both are the same module. ``partial`` resumes
-    the epoch mid-way (its ``steps`` done, loss ``sums``, ``samples``, ``seconds``): the feed
-    replays those batches without training on them. ``on_step(partial)`` runs after every step
-    but the last (step checkpoints). ``softmax`` (a ``SampledSoftmax``, or None for the full
-    softmax) draws each step's shared negatives from (seed, epoch, step), so a resumed epoch
-    draws the same ones; ``sparse_table`` is the item table whose row-sparse gradient is
-    averaged over the ranks before the step (``train.sparse_item_updates``).
+    ``partial`` resumes the epoch mid-way (its ``steps`` done, loss ``sums``, ``samples``,
+    ``seconds``): the feed replays those batches without training on them. ``on_step(partial)``
+    runs after every step but the last (step checkpoints, the progress line).
     """
-    model.train()
-    partial = partial or {}
+    run.model.train()
+    partial, feed = partial or {}, run.feed
     sums: dict[str, torch.Tensor] = dict(partial.get("sums", {}))
     steps, samples = partial.get("steps", 0), partial.get("samples", 0)
     start = time.perf_counter() - partial.get("seconds", 0.0)
     first_step = last_step = math.nan  # wall clock of this call's first and last step
     for batch_np in feed.epoch(epoch, skip=steps):
-        if feed.head and feed.rank == 0 and math.isnan(first_step):
-            say(head_line(feed.head, epoch))
+        if feed.stats.head and feed.rank == 0 and math.isnan(first_step):
+            say(head_line(feed.stats.head, epoch))
         kill_if_asked(epoch, steps, feed.rank)
-        batch = to_device(batch_np, device)
-        candidates = softmax.at_step(epoch, steps) if softmax is not None else None
-        with autocast_for(device, amp):
-            terms = loss_terms(module, batch, gather=gather, forward=model, softmax=candidates)
-        optimizer.zero_grad(set_to_none=True)
+        batch = to_device(batch_np, run.device)
+        candidates = run.softmax.at_step(epoch, steps) if run.softmax is not None else None
+        with autocast_for(run.device, run.amp):
+            terms = run.loss_terms(
+                run.module, batch, gather=run.gather, forward=run.model, softmax=candidates
+            )
+        run.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        if sparse_table is not None:
-            average_sparse_grad(sparse_table)
-        optimizer.step()
+        if run.sparse_table is not None:
+            average_sparse_grad(run.sparse_table)
+        run.optimizer.step()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
         steps += 1
@@ -98,21 +124,10 @@ def train_one_epoch(
             seconds = time.perf_counter() - start
             on_step({"steps": steps, "sums": sums, "samples": samples, "seconds": seconds})
     seconds = time.perf_counter() - start
-    out = {f"train/{k}": float(v) / max(steps, 1) for k, v in sums.items()}
-    return out | {
-        "train/steps": steps,
-        "train/samples": samples,
-        "seconds": seconds,
-        "data_wait_s": feed.wait_s,
-        "plan_wait_s": feed.plan_wait_s,
-        "first_wait_s": feed.first_wait_s,
-        "first_step_unix": first_step,
-        "last_step_unix": last_step,
-        "padded": feed.padded,
-        "skipped": feed.skipped,
-        "plan_seconds": feed.plan_seconds,
-        **feed.head,  # head_rows, head_users, head_self_paired: the first epoch's head, if any
-    }
+    out: dict[str, Any] = {f"train/{k}": float(v) / max(steps, 1) for k, v in sums.items()}
+    out |= {"train/steps": steps, "train/samples": samples, "seconds": seconds}
+    out |= {"first_step_unix": first_step, "last_step_unix": last_step}
+    return out | feed.stats.to_row()  # waits, skipped rows, plan time, the head's counts
 
 
 def setup_worker(cfg: ExperimentConfig, rank: int) -> tuple[torch.device, int]:
@@ -124,21 +139,16 @@ def setup_worker(cfg: ExperimentConfig, rank: int) -> tuple[torch.device, int]:
     return device_for(cfg.run.use_gpu), threads
 
 
-def build_feed(cfg: ExperimentConfig, info: dict[str, Any], planner: Any) -> TrainFeed:
-    """This worker's stream of each epoch's examples (from the run's ``EpochPlanner``): a fixed
-    number of steps per epoch on every rank."""
-    import ray.train
+def build_feed(cfg: ExperimentConfig, planner: Any, rank: int) -> TrainFeed:
+    """This worker's stream of each epoch's examples from the run's ``EpochPlanner``: the same
+    number of steps every epoch on every rank, from the rows the planner gives each rank."""
+    import ray  # here: see the module docstring
 
-    from fearec_dist.data.epochs import head_fraction
-
-    ctx, t = ray.train.get_context(), cfg.train
-    per_rank = info["n_train"] // ctx.get_world_size()
-    # a first epoch in two parts (head, rest) gives each rank at most one row less
-    per_rank -= 1 if head_fraction(t.first_epoch_head, info["n_train"]) else 0
-    steps = max(1, per_rank // t.batch_size)
+    t = cfg.train
+    steps = max(1, ray.get(planner.rows_per_rank.remote()) // t.batch_size)
     return TrainFeed(
         planner,
-        rank=ctx.get_world_rank(),
+        rank=rank,
         batch_size=t.batch_size,
         steps=min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps,
         seed=t.seed,
@@ -147,13 +157,60 @@ def build_feed(cfg: ExperimentConfig, info: dict[str, Any], planner: Any) -> Tra
     )
 
 
-def evaluate_epoch(
-    row: dict[str, Any], state: ckpt.TrainState, score: Any, t: TrainSection
-) -> None:
-    """Validation metrics into ``row``; on a new best, the test metrics and the weights too.
+def build_step_context(
+    cfg: ExperimentConfig,
+    spec: ModelSpec,
+    info: ExamplesInfo,
+    planner: Any,
+    rank: int,
+    device: torch.device,
+) -> tuple[ckpt.TrainState, StepContext]:
+    """[1] the model (a fresh finetune from the pretrained encoder), its optimizer and softmax;
+    [2] a restore of weights, optimizer, progress and this rank's RNG states when Ray Train
+    hands a checkpoint; the DDP wrapper; [3] this worker's training feed."""
+    import ray.train  # here: see the module docstring
 
-    ``score(split)`` returns the metrics of this worker's shard of ``split``, all-reduced.
-    """
+    t, world = cfg.train, ray.train.get_context().get_world_size()
+    restored = ray.train.get_checkpoint()
+    state = build_train_state(spec, cfg, info, device, fresh=restored is None)
+    softmax = build_softmax(cfg, info, device)  # None: the full softmax
+    if restored is not None:
+        state.restore_from(restored, rank, device)
+    return state, StepContext(
+        model=wrap_ddp(state.module, world, t.sparse_item_updates),  # syncs gradients
+        module=state.module,
+        loss_terms=spec.stage_loss(t.stage),
+        optimizer=state.optimizer,
+        feed=build_feed(cfg, planner, rank),
+        device=device,
+        amp=t.amp,
+        gather=build_gather(t.gather_negatives),
+        softmax=softmax,
+        sparse_table=state.module.item_embedding.weight if t.sparse_item_updates else None,
+    )
+
+
+def build_scorer(
+    t: TrainSection, spec: ModelSpec, run: StepContext, shards: dict[str, list[Any]], rank: int
+) -> Score:
+    """``score(split)``: this rank's rows of ``split`` scored on the bare module, all-reduced;
+    in float32, the encoder under ``train.amp`` only when ``train.eval_amp`` asks."""
+    encoder_amp = t.amp if t.eval_amp else "off"
+
+    def score(split: str) -> dict[str, float]:
+        rows = shards[split][rank].iter_batches(
+            batch_size=t.eval_batch_size, batch_format="pyarrow"
+        )
+        return evaluate(run.module, spec, rows, t.topk, run.device, encoder_amp,
+                        item_chunk=t.eval_item_chunk)  # fmt: skip
+
+    return score
+
+
+def evaluate_epoch(
+    row: dict[str, Any], state: ckpt.TrainState, score: Score, t: TrainSection
+) -> None:
+    """Validation metrics into ``row``; on a new best, the test metrics and the weights too."""
     valid = score("valid")
     row |= prefixed(valid, "valid")
     if state.progress.record_valid(row["epoch"], valid, t.valid_metric, t.patience):
@@ -161,85 +218,82 @@ def evaluate_epoch(
         state.keep_best()
 
 
-def valid_on(t: TrainSection, info: dict[str, Any]) -> str:
+def valid_on(t: TrainSection, info: ExamplesInfo) -> str:
     """Which users validation scores, for the epoch line."""
-    n = min(t.valid_users, info["n_users"]) if t.valid_users else 0
+    n = min(t.valid_users, info.n_users) if t.valid_users else 0
     return f"a fixed sample of {n:,} users" if n else "all users"
+
+
+@dataclass
+class WorkerRun:
+    """One worker's run: its config, data, rank, state, step context, scorer and reporter."""
+
+    cfg: ExperimentConfig
+    info: ExamplesInfo
+    rank: int
+    world: int
+    state: ckpt.TrainState
+    steps: StepContext
+    score: Score
+    reporter: Reporter
+
+
+def run_epoch(w: WorkerRun, epoch: int) -> None:
+    """Trains ``epoch`` (a step checkpoint every ``run.checkpoint_every_steps``, rank 0's
+    progress line every ``run.progress_every_s``), evaluates when due and reports (rank 0
+    checkpoints)."""
+    cfg, t, progress = w.cfg, w.cfg.train, w.state.progress
+    partial, progress.partial = progress.partial, {}
+    line = None
+    if w.rank == 0 and cfg.run.progress_every_s:
+        line = StepProgress(epoch + 1, t.epochs, w.steps.feed.steps, cfg.run.progress_every_s,
+                            w.world)  # fmt: skip
+    every = cfg.run.checkpoint_every_steps
+
+    def on_step(done: dict[str, Any]) -> None:
+        if line is not None:
+            line.tick(done)
+        if every and done["steps"] % every == 0:
+            w.reporter.report_step(w.state, done)
+
+    row = epoch_row(epoch + 1, train_one_epoch(w.steps, epoch, partial, on_step), w.world)
+    if partial:  # this epoch resumed from a step checkpoint: say where, in metrics.csv
+        row["resumed_at_step"] = partial["steps"]
+    due = (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
+    if due and t.evaluate and t.stage != "pretrain":  # pretraining ranks nothing
+        evaluate_epoch(row, w.state, w.score, t)
+    progress.finish_epoch(row)
+    if w.rank == 0:
+        print_epoch(row, t.valid_metric, t.epochs, valid_on(t, w.info))
+    w.reporter.report(row, w.state)
 
 
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train entrypoint. ``config``: ``experiment`` (the config dict), ``examples`` (the
     examples' info.json), ``run_dir`` (URI of this run's output directory), ``planner`` (the
     run's ``EpochPlanner`` actor), ``eval`` (``{"valid"|"test": [one dataset per rank]}``)."""
-    import ray.train
-
-    from fearec_dist.models import get_spec
+    import ray.train  # here: see the module docstring
 
     cfg = ExperimentConfig.from_dict(config["experiment"], "train_loop_config")
-    info, run_dir, t = config["examples"], config["run_dir"], cfg.train
+    info, t, run_dir = ExamplesInfo.from_dict(config["examples"]), cfg.train, config["run_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device, threads = setup_worker(cfg, rank)
 
-    # [1] build the model (a fresh finetune from the pretrained encoder) and its optimizer
-    spec, restored = get_spec(cfg.model.name), ray.train.get_checkpoint()
-    state = ckpt.build_train_state(spec, cfg, info, device, fresh=restored is None)
-    loss_fn, gather = spec.stage_loss(t.stage), build_gather(t.gather_negatives)
-    softmax = build_softmax(cfg, info, device)  # None: the full softmax
-
-    # [2] restore: weights, optimizer, progress and this rank's own RNG states
-    if restored is not None:
-        state.restore_from(restored, rank, device)
-    model = wrap_ddp(state.module, world, t.sparse_item_updates)  # syncs gradients
-    table = state.module.item_embedding.weight if t.sparse_item_updates else None
-
-    # [3] shards: the training feed, and the evaluation rows scored on the bare module
-    feed = build_feed(cfg, info, config["planner"])
-
-    def score(split: str) -> dict[str, float]:
-        rows = config["eval"][split][rank].iter_batches(
-            batch_size=t.eval_batch_size, batch_format="pyarrow"
-        )
-        return evaluate(
-            state.module, spec, rows, t.topk, device, t.amp, item_chunk=t.eval_item_chunk
-        )
-
+    # [1]-[3] model, optimizer, softmax; restore; DDP; the training feed
+    spec = get_spec(cfg.model.name)
+    state, steps = build_step_context(cfg, spec, info, config["planner"], rank, device)
+    # [4] the evaluation rows, scored on the bare module
+    score = build_scorer(t, spec, steps, config["eval"], rank)
     if rank == 0 and state.progress.epoch == 0:
-        print_start(cfg, state.module, world, feed.steps, gather is not None, device, threads,
-                    run_dir)  # fmt: skip
+        print_start(cfg, state.module, world, steps.feed.steps, steps.gather is not None,
+                    device, threads, run_dir)  # fmt: skip
 
-    # [4] epochs: train (a step checkpoint every run.checkpoint_every_steps), evaluate when
-    # due; [5] report every epoch (rank 0 checkpoints)
-    reporter, every = Reporter(cfg, info, run_dir, rank, world), cfg.run.checkpoint_every_steps
-
-    progress: StepProgress | None = None
-
-    def on_step(partial: dict[str, Any]) -> None:
-        if progress is not None:
-            progress.tick(partial)
-        if every and partial["steps"] % every == 0:
-            reporter.report_step(state, partial)
-
+    # [5] epochs: train, evaluate when due, report every epoch
+    reporter = Reporter(cfg, info, run_dir, rank, world)
+    run = WorkerRun(cfg, info, rank, world, state, steps, score, reporter)
     for epoch in range(state.progress.epoch, t.epochs):
-        partial, state.progress.partial = state.progress.partial, {}
-        if rank == 0 and cfg.run.progress_every_s:
-            progress = StepProgress(
-                epoch + 1, t.epochs, feed.steps, cfg.run.progress_every_s, world
-            )
-        stats = train_one_epoch(
-            model, state.module, loss_fn, feed, epoch, state.optimizer, device, t.amp, gather,
-            partial, on_step, softmax, table,
-        )  # fmt: skip
-        row = epoch_row(epoch + 1, stats, world)
-        if partial:  # this epoch resumed from a step checkpoint: say where, in metrics.csv
-            row["resumed_at_step"] = partial["steps"]
-        due = (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
-        if due and t.evaluate and t.stage != "pretrain":  # pretraining ranks nothing
-            evaluate_epoch(row, state, score, t)
-        state.progress.finish_epoch(row)
-        if rank == 0:
-            print_epoch(row, t.valid_metric, t.epochs, valid_on(t, info))
-        reporter.report(row, state)
+        run_epoch(run, epoch)
         if state.progress.stopped_early:
             if rank == 0:
                 say(f"[fearec-dist] early stop after {t.patience + 1} evals without gain")

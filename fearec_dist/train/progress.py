@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from fearec_dist.data.examples import ExamplesInfo
+
 
 def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     """``{"hr@10": …}`` -> ``{"<prefix>/hr@10": …}``, without the user count."""
@@ -67,13 +69,13 @@ def epoch_row(epoch: int, stats: dict[str, Any], world: int) -> dict[str, Any]:
         stats["first_step_unix"],
         stats["last_step_unix"],
     )
-    row["padded"], row["skipped"] = stats["padded"], stats["skipped"]
+    row["skipped"] = stats["skipped"]
     row["plan_seconds"] = round(stats.get("plan_seconds", 0.0), 2)  # building the epoch's parts
     row |= {k: v for k, v in stats.items() if k.startswith("head_")}
     return row
 
 
-def results_dict(progress: Progress, cfg_dict: dict[str, Any], info: dict[str, Any]) -> dict:
+def results_dict(progress: Progress, cfg_dict: dict[str, Any], info: ExamplesInfo) -> dict:
     """``results.json``: metrics at the best epoch, epochs run, the data and the config."""
     return {
         "valid": {k.removeprefix("valid/"): v for k, v in progress.valid.items()},
@@ -82,6 +84,8 @@ def results_dict(progress: Progress, cfg_dict: dict[str, Any], info: dict[str, A
         "epochs_run": progress.epoch,
         "stopped_early": progress.stopped_early,
         "seconds_training": round(sum(r.get("train_seconds", 0.0) for r in progress.history), 1),
-        "data": {k: info[k] for k in ("uri", "fingerprint", "n_train", "n_valid", "n_test")},
+        "data": {
+            k: getattr(info, k) for k in ("uri", "fingerprint", "n_train", "n_valid", "n_test")
+        },
         "config": cfg_dict,
     }

@@ -13,6 +13,8 @@ import tempfile
 from typing import Any
 
 from fearec_dist.config import ExperimentConfig
+from fearec_dist.data.examples import ExamplesInfo
+from fearec_dist.tracking import RunTracking
 from fearec_dist.train import checkpoint as ckpt
 from fearec_dist.train.outputs import TensorBoardLog, write_run_outputs
 from fearec_dist.train.progress import results_dict
@@ -22,12 +24,16 @@ class Reporter:
     """Reports each epoch of one worker; built once per run, closed at the end."""
 
     def __init__(
-        self, cfg: ExperimentConfig, info: dict[str, Any], run_dir: str, rank: int, world: int
+        self, cfg: ExperimentConfig, info: ExamplesInfo, run_dir: str, rank: int, world: int
     ) -> None:
         self.cfg_dict, self.info, self.run_dir = cfg.to_dict(), info, run_dir
         self.tune_metric = cfg.tune.metric
         self.rank, self.world, self.storage = rank, world, cfg.storage
         self.tensorboard = TensorBoardLog(run_dir, cfg.storage) if rank == 0 else None
+        # rank 0's MLflow run (run.tracking_uri): never waits long, never fails the run
+        tracked = rank == 0 and cfg.run.tracking_uri
+        self.tracking = RunTracking(cfg, run_dir) if tracked else None
+        self.last: tuple[list, dict] | None = None  # the last history and results written
 
     def report(self, row: dict[str, Any], state: ckpt.TrainState) -> None:
         """Reports ``row`` (its numeric values) with rank 0's checkpoint of ``state``."""
@@ -39,12 +45,18 @@ class Reporter:
             ray.train.report(metrics)
             return
         results = results_dict(state.progress, self.cfg_dict, self.info)
+        if self.tracking is not None:  # before ray.train.report: ASHA may stop the trial then
+            self.tracking.log_epoch(row, results)
+            results["tracking"] = self.tracking.info()  # a resumed run logs to the same run
         write_run_outputs(self.run_dir, state.progress.history, results, self.storage)
+        self.last = (state.progress.history, results)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt.save_state(tmp, state.to_state(rng, self.cfg_dict, self.info))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if self.tensorboard is not None:
             self.tensorboard.log(row)
+        if self.tracking is not None:
+            self.tracking.log_outputs()
 
     def report_step(self, state: ckpt.TrainState, partial: dict[str, Any]) -> None:
         """A step checkpoint inside an epoch: no ``metrics.csv`` row; the result repeats the
@@ -74,3 +86,9 @@ class Reporter:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.tracking is not None and self.last is not None:
+            history, results = self.last
+            self.tracking.end("FINISHED", {"stopped_early": str(results["stopped_early"]).lower()})
+            if results["tracking"] != self.tracking.info():  # the MLflow run opened late
+                results["tracking"] = self.tracking.info()
+                write_run_outputs(self.run_dir, history, results, self.storage)

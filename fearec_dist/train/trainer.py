@@ -22,8 +22,17 @@ from typing import Any
 
 from fearec_dist.config import ExperimentConfig
 from fearec_dist.data.datasets import build_datasets, eval_shards, prepare_run, start_feed
+from fearec_dist.data.examples import ExamplesInfo
 from fearec_dist.launch import init_ray, worker_resources
-from fearec_dist.storage import ray_storage, storage_root
+from fearec_dist.models import build_config, get_spec
+from fearec_dist.storage import (
+    connection_lost_error,
+    is_connection_lost,
+    ray_storage,
+    read_json,
+    storage_root,
+)
+from fearec_dist.train.loop import train_func
 
 MODES = ("debug", "local", "cluster")
 
@@ -35,7 +44,7 @@ def run_name(cfg: ExperimentConfig) -> str:
 def build_trainer(
     cfg: ExperimentConfig,
     datasets: dict[str, Any],
-    info: dict[str, Any],
+    info: ExamplesInfo | None,
     *,
     mode: str = "local",
     name: str | None = None,
@@ -47,9 +56,6 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from fearec_dist.models import build_config, get_spec
-    from fearec_dist.train.loop import train_func
-
     name = name or run_name(cfg)
     storage_path, fs = ray_storage(cfg.run.storage_path, cfg.storage)
     workers = 0 if mode == "debug" else max(1, cfg.run.workers)
@@ -58,7 +64,7 @@ def build_trainer(
         train_func,
         train_loop_config={
             "experiment": cfg.to_dict(),
-            "examples": info,
+            "examples": info.to_dict() if info else None,
             "run_dir": f"{storage_root(cfg.run.storage_path)}/{name}",
             # the run's training stream (none for a trainer built without examples, to inspect)
             "planner": start_feed(cfg, info, max(1, workers), pair) if info else None,
@@ -87,7 +93,6 @@ def training_error(err: BaseException, cfg: ExperimentConfig, run_dir: str) -> E
     """A clear error for a failed ``fit()``: a lost S3 endpoint is named as such (after the S3
     client's bounded retries and Ray's ``max_failures`` restarts), anything else keeps the
     workers' report under a one-line summary."""
-    from fearec_dist.storage import connection_lost_error, is_connection_lost
 
     text = str(err)
     causes = re.findall(r"^\s*(\w*(?:Error|Exception)\b:? .*)$", text, flags=re.MULTILINE)
@@ -105,7 +110,6 @@ def run_training(cfg: ExperimentConfig, mode: str = "local") -> dict[str, Any]:
     """Trains ``cfg`` (already validated) in ``mode``; returns the run's ``results.json``."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
-    from fearec_dist.storage import read_json
 
     started = init_ray(mode, cfg)
     try:
@@ -126,6 +130,6 @@ def run_training(cfg: ExperimentConfig, mode: str = "local") -> dict[str, Any]:
         return results
     finally:
         if started:
-            import ray
+            import ray  # here: configs are checked and prepared before Ray's import is paid
 
             ray.shutdown()

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fearec_dist.data.epochs import TrainRows, pair_and_scatter
+from fearec_dist.data.epochs import EpochSource, TrainRows, pair_and_scatter
 from fearec_dist.data.feed import ShuffleBuffer, shard_batches, table_to_rows
 from fearec_dist.data.planner import start_planner
 
@@ -197,7 +197,7 @@ def test_epoch_plan_pairs_across_files_and_is_the_same_in_every_run(ray_session,
     for i in range(3):
         pq.write_table(seqs.slice(i * 100, 100), tmp_path / "sequences" / f"part-{i}.parquet")
     n = TrainRows(8)(seqs).num_rows
-    params = dict(
+    params = EpochSource(
         prepared_uri=str(tmp_path),
         max_seq_len=8,
         seed=11,
@@ -248,7 +248,9 @@ def test_a_failed_epoch_build_reaches_the_rank_as_a_plain_error_naming_the_cause
 
     (tmp_path / "sequences").mkdir()
     (tmp_path / "sequences" / "part-0.parquet").write_bytes(b"not parquet at all")
-    params = dict(prepared_uri=str(tmp_path), max_seq_len=8, seed=1, pair=True, n_examples=10)
+    params = EpochSource(
+        prepared_uri=str(tmp_path), max_seq_len=8, seed=1, pair=True, n_examples=10
+    )
     planner = start_planner(params, 1, ahead=False)
     with pytest.raises(PlanError, match=r"building epoch 1's training data failed") as err:
         ray.get(planner.shard.remote(0, 0), timeout=300)
@@ -316,7 +318,7 @@ def test_rest_rows_pair_over_the_whole_set_head_included_uniformly() -> None:
     assert z < 3.1, (stat, dof, z)
 
 
-def _head_params(tmp_path) -> tuple[dict, int, pa.Table]:
+def _head_params(tmp_path) -> tuple[EpochSource, int, pa.Table]:
     seqs = _sequences(300, 150, 4)  # ~8 examples per target: some alone among the head's
     (tmp_path / "sequences").mkdir()
     for i in range(3):
@@ -324,8 +326,9 @@ def _head_params(tmp_path) -> tuple[dict, int, pa.Table]:
     n = TrainRows(8)(seqs).num_rows
     counts = np.bincount(TrainRows(8)(seqs).column("target").to_numpy(), minlength=151)
     pq.write_table(pa.table({"count": pa.array(counts)}), tmp_path / "counts.parquet")
-    params = dict(prepared_uri=str(tmp_path), max_seq_len=8, seed=11, pair=True, n_examples=n,
-                  block_rows=32, partition_bytes=16_000, partner_ids=True)  # fmt: skip
+    params = EpochSource(prepared_uri=str(tmp_path), max_seq_len=8, seed=11, pair=True,
+                         n_examples=n, block_rows=32, partition_bytes=16_000,
+                         partner_ids=True)  # fmt: skip
     return params, n, seqs
 
 
@@ -404,19 +407,20 @@ def test_feed_streams_head_then_rest_and_resumes_exactly_on_two_ranks(ray_sessio
         feed = TrainFeed(planner, rank=rank, batch_size=16, steps=steps, seed=11,
                          shuffle_buffer=48, prefetch_blocks=2)  # fmt: skip
         full = list(feed.epoch(0))
-        assert len(full) == steps and feed.head["head_rows"] > 0
-        assert feed.plan_wait_s <= feed.first_wait_s <= feed.wait_s  # the waits before step 1
-        assert "head_self_paired" not in feed.head  # no counts given: not computed
+        st = feed.stats
+        assert len(full) == steps and st.head["head_rows"] > 0
+        assert st.plan_wait_s <= st.first_wait_s <= st.data_wait_s  # the waits before step 1
+        assert "head_self_paired" not in st.head  # no counts given: not computed
         heads = [in_head(b["user"], 0.25, 11).mean() for b in full]
         assert heads[0] == 1.0 and heads[-1] == 0.0  # the head first, then the rest
         rows = [ray.get(planner.shard.remote(0, rank, p), timeout=300)["rows"] for p in (0, 1)]
-        assert feed.skipped == sum(rows) - steps * 16 and 0 <= feed.skipped < 32
+        assert feed.stats.skipped == sum(rows) - steps * 16 and 0 <= feed.stats.skipped < 32
         capped = TrainFeed(planner, rank=rank, batch_size=16, steps=3, seed=11,
                            shuffle_buffer=48, prefetch_blocks=2)  # fmt: skip
         assert [b["target"].tolist() for b in capped.epoch(0)] == [
             b["target"].tolist() for b in full[:3]
         ]
-        assert capped.skipped == rows[0] - 3 * 16  # stopped in the head: the rest never read
+        assert capped.stats.skipped == rows[0] - 3 * 16  # stopped in the head: the rest never read
         for skip in (2, steps - 5):
             again = list(feed.epoch(0, skip=skip))
             assert len(again) == steps - skip

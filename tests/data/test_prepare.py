@@ -145,8 +145,8 @@ def test_relative_paths_come_back_absolute(ray_session, tmp_path, monkeypatch):
     # cached info names where they lie now
     counted = build_examples("rel/prep", 20)
     found = build_examples(str(tmp_path / "rel/prep"), 20)
-    assert counted["uri"].startswith("rel/prep/") and found["uri"].startswith(str(tmp_path))
-    assert found["prepared_uri"] == str(tmp_path / "rel/prep")
+    assert counted.uri.startswith("rel/prep/") and found.uri.startswith(str(tmp_path))
+    assert found.prepared_uri == str(tmp_path / "rel/prep")
 
 
 def test_bad_input_fails_and_writes_nothing(ray_session, tmp_path):

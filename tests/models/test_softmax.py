@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,11 +23,13 @@ from fearec_dist.models import build_model, get_spec
 from fearec_dist.models.softmax import (
     NegativeSampler,
     SampledSoftmax,
+    SoftmaxOptions,
+    in_batch_probability,
     next_item_ce,
     sampled_ce,
 )
 from fearec_dist.train import distributed
-from fearec_dist.train.checkpoint import build_optimizer
+from fearec_dist.train.build import build_optimizer
 from tests.conftest import run_gloo_ranks
 
 N_ITEMS, L, B = 30, 8, 6
@@ -53,10 +54,10 @@ def _sasrec(double: bool = False) -> torch.nn.Module:
     return model.double() if double else model
 
 
-def _train(**kw) -> SimpleNamespace:
-    base = dict(seed=7, n_negatives=16, negative_sampler="uniform", negative_alpha=1.0,
-                in_batch_negatives=True, logq_correction=True, softmax_temperature=1.0)  # fmt: skip
-    return SimpleNamespace(**(base | kw))
+def _train(**kw) -> SoftmaxOptions:
+    base = dict(seed=7, n_negatives=16, sampler="uniform", alpha=1.0, in_batch=True, logq=True,
+                temperature=1.0)  # fmt: skip
+    return SoftmaxOptions(**(base | kw))
 
 
 def _counts() -> np.ndarray:
@@ -117,6 +118,24 @@ def test_popularity_sampler_follows_count_power_alpha():
     assert np.abs(freq - expect).max() < 0.005
 
 
+def test_logq_uses_the_true_training_target_count_and_floors_only_zero_counts():
+    """E[count of c among the candidates] = n_in · count(c) / T + K · q(c), T the training
+    targets: an item with no count adds nothing to T (it gets the floor 1 / T)."""
+    counts = np.array([0, 6, 3, 0, 1, 0], dtype=np.int64)  # padding, 5 items, T = 10
+    p = in_batch_probability(counts)
+    assert p.tolist() == pytest.approx([0.0, 0.6, 0.3, 0.1, 0.1, 0.1])
+    opts = SoftmaxOptions(n_negatives=4, sampler="uniform", in_batch=True, logq=True)
+    s = SampledSoftmax(opts, 5, counts, torch.device("cpu"))
+    step = s.at_step(0, 0)
+    target = torch.tensor([1, 2, 1])  # n_in = 3 in-batch candidates
+    cands, log_q = step.candidates(target)
+    expected = 3 * torch.tensor(p, dtype=torch.float32)[cands] + 4 * (1 / 5)
+    assert torch.equal(cands[:3], target) and torch.allclose(log_q, torch.log(expected))
+    assert float(torch.exp(log_q[0])) == pytest.approx(3 * 0.6 + 0.8)  # not 3 * 6 / 12 + 0.8
+    with pytest.raises(ValueError, match="all zero"):
+        in_batch_probability(np.zeros(4))
+
+
 def test_logq_correction_brings_the_sampled_gradient_closer_to_the_full_one():
     """A skewed (popularity) sampler over-represents popular items among the candidates; the
     corrected estimate of d(CE)/d(query) is closer to the full softmax's than the uncorrected."""
@@ -171,7 +190,7 @@ def test_every_model_trains_on_the_sampled_softmax_with_a_sparse_table(name, one
     model, batch = _model_and_batch(name)
     model.item_embedding.sparse = True
     spec = get_spec(name)
-    softmax = SampledSoftmax(_train(negative_sampler="popularity"), N_ITEMS, _counts(),
+    softmax = SampledSoftmax(_train(sampler="popularity"), N_ITEMS, _counts(),
                              torch.device("cpu"))  # fmt: skip
     terms = spec.loss_terms(model, batch, softmax=softmax.at_step(0, 0))
     assert torch.isfinite(terms["loss"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fearec_dist.config import load_config
-from fearec_dist.data.examples import iter_eval_rows, read_item_counts
+from fearec_dist.data.examples import ExamplesInfo, iter_eval_rows, read_item_counts
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +36,14 @@ def synth_cfg(tmp_path_factory):
     return overrides
 
 
-def _popularity_hr10(info: dict) -> float:
+def _popularity_hr10(info: ExamplesInfo) -> float:
     counts = read_item_counts(info, _storage()).astype(float)  # training targets only
     counts[0] = -np.inf
     target = np.concatenate(
-        [t.column("target").to_numpy() for t in iter_eval_rows(info, "test", 100, _storage())]
+        [
+            t.column("target").to_numpy()
+            for t in iter_eval_rows(info.prepared_uri, info.max_seq_len, "test", 100, _storage())
+        ]
     )
     ranks = (counts[None, :] > counts[target][:, None]).sum(1) + 1
     return float((ranks <= 10).mean())
@@ -112,7 +115,7 @@ def test_two_worker_run(ray_session, synth_cfg):
     # each rank's own RNG states, gathered into rank 0's checkpoint
     rng = load_state(f"{run_dir}/{ckpts[-1]}")["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
-    assert again["n_valid"] == info["n_valid"] and again["n_test"] == info["n_test"]
+    assert again["n_valid"] == info.n_valid and again["n_test"] == info.n_test
     for split in ("valid", "test"):
         for key, value in results[split].items():
             assert again[split][key] == pytest.approx(value, abs=1e-9), (split, key)
@@ -139,7 +142,10 @@ def test_sampled_softmax_with_sparse_items_on_two_workers(ray_session, synth_cfg
 
     sampled = ["train.softmax=sampled", "train.n_negatives=32", "train.negative_sampler=popularity",
                "train.negative_alpha=0.75", "train.sparse_item_updates=true",
-               "train.eval_item_chunk=7"]  # fmt: skip
+               "train.eval_item_chunk=7",
+               # trained under bf16 autocast: the metrics it reports must still be the float32
+               # ones evaluate_checkpoint reproduces (evaluation never scores in bf16)
+               "train.amp=bf16"]  # fmt: skip
     cfg = load_config(
         None, [*synth_cfg, *sampled, "run.name=sampled", "model.name=sasrec", "train.epochs=2"]
     )
