@@ -22,16 +22,23 @@ from typing import Any
 
 from fearec_dist.config import ConfigError, ExperimentConfig, add_set_argument, load_config
 from fearec_dist.config.reference import ModelDoc, render_markdown, render_text
+from fearec_dist.data.prepare import format_summary, parse_columns, prepare_dataset
 from fearec_dist.launch import ray_session
-from fearec_dist.models import get_spec, model_names
+from fearec_dist.models import get_spec, model_names, validate_model_section
 from fearec_dist.serve.cli import SERVE_COMMANDS, add_serve_commands
-from fearec_dist.train.trainer import TrainingFailed
+from fearec_dist.submit import build_submit_parser, run_submit
+from fearec_dist.train.evaluate import (
+    BASELINE_SEED,
+    BASELINES,
+    describe_users,
+    evaluate_checkpoint,
+    evaluate_popularity,
+)
+from fearec_dist.train.trainer import TrainingFailed, run_training
+from fearec_dist.tune import run_sweep
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo.yaml"
-# train/evaluate.py's BASELINES and BASELINE_SEED, here without importing torch (tests compare)
-BASELINES = ("popularity",)
-BASELINE_SEED = 2026
 
 EPILOG = """\
 examples:
@@ -167,8 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--markdown", action="store_true", help="print the Markdown reference")
     how.add_argument("--write", metavar="FILE", help="write the Markdown reference to FILE")
 
-    from fearec_dist.submit import build_submit_parser
-
     build_submit_parser(sub)
 
     add_serve_commands(sub)
@@ -191,14 +196,12 @@ def _train_config(args: argparse.Namespace) -> ExperimentConfig:
     if getattr(args, "stage", None):
         extra.setdefault("train", {})["stage"] = args.stage
     cfg = load_config(args.config, args.overrides, extra=extra)
-    from fearec_dist.models import validate_model_section
 
     validate_model_section(cfg.model.name, cfg.model.params, cfg.data.max_seq_len)
     return cfg
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from fearec_dist.data.prepare import format_summary, parse_columns, prepare_dataset
 
     cfg = load_config(args.config or None, args.overrides)
     data = cfg.data
@@ -213,7 +216,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fearec_dist.train.trainer import run_training
 
     cfg = _train_config(args)
     mode = "debug" if args.debug else "local" if args.local else "cluster"
@@ -229,7 +231,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from fearec_dist.tune import run_sweep
 
     cfg = _train_config(args)
     run_sweep(cfg, args.space, mode="local" if args.local else "cluster")
@@ -237,11 +238,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fearec_dist.train.evaluate import (
-        describe_users,
-        evaluate_checkpoint,
-        evaluate_popularity,
-    )
 
     if args.users < 0:
         raise ValueError(f"--users: must be >= 0, got {args.users}")
@@ -306,7 +302,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from fearec_dist.submit import run_submit
 
     return run_submit(args)
 
