@@ -114,6 +114,11 @@ def test_config_from_saved_drops_only_retired_keys():
         ("train.topk=[0, 10]", "train.topk"),
         ("train.torch_threads=-1", "train.torch_threads"),
         ("train.max_steps_per_epoch=-1", "train.max_steps_per_epoch"),
+        ("tune.reduction_factor=1", "tune.reduction_factor"),  # ASHA fails only once Ray runs
+        ("tune.num_samples=0", "tune.num_samples"),
+        ("tune.driver_cpus=0", "tune.driver_cpus"),
+        ("run.checkpoints_to_keep=0", "run.checkpoints_to_keep"),
+        ("run.max_failures=-2", "run.max_failures"),
     ],
 )
 def test_settings_that_yield_nan_or_nonsense_are_refused_naming_the_key(override, key):

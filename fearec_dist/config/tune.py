@@ -31,3 +31,13 @@ class TuneSection:
             raise ConfigError(f"tune.mode: {self.mode!r} is not max or min")
         if self.grace_period < 1 or self.max_t < self.grace_period:
             raise ConfigError("tune.grace_period: must be >= 1 and <= tune.max_t")
+        if self.reduction_factor < 2:  # ASHA's rungs are powers of it: 1 never stops a trial
+            raise ConfigError(f"tune.reduction_factor: must be >= 2, got {self.reduction_factor}")
+        for key in ("num_samples",):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"tune.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("max_concurrent_trials",):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"tune.{key}: must be >= 0, got {getattr(self, key)}")
+        if not self.driver_cpus > 0:
+            raise ConfigError(f"tune.driver_cpus: must be > 0, got {self.driver_cpus}")
