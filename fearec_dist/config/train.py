@@ -41,7 +41,9 @@ class TrainSection:
     valid_users: int = option(0, "validate each epoch on a fixed seeded sample of N users; 0 = all")
     evaluate: bool = option(True, "false: no validation or test at all (production retrains)")
     torch_threads: int = option(0, "torch threads per worker; 0 = run.cpus_per_worker rounded up")
-    amp: str = option("auto", "auto | off | bf16 (auto = bf16 on CUDA when supported)")
+    amp: str = option(
+        "auto", "auto | off | bf16 | fp16 (auto = bf16 on CUDA when supported; fp16 loss-scaled)"
+    )
     eval_amp: bool = option(
         False, "evaluation's encoder under train.amp's autocast (scores stay float32)"
     )
@@ -98,13 +100,8 @@ class TrainSection:
             raise ConfigError(f"train.topk: every K must be >= 1, got {self.topk}")
         if self.patience < 0:
             raise ConfigError(f"train.patience: must be >= 0, got {self.patience}")
-        if self.amp == "fp16":
-            raise ConfigError(
-                "train.amp: fp16 needs loss scaling, which this trainer does not do (float16 "
-                "gradients underflow without it): use bf16 (Ampere or newer GPUs, CPUs) or off"
-            )
-        if self.amp not in ("auto", "off", "bf16"):
-            raise ConfigError(f"train.amp: {self.amp!r} is not one of auto, off, bf16")
+        if self.amp not in ("auto", "off", "bf16", "fp16"):
+            raise ConfigError(f"train.amp: {self.amp!r} is not one of auto, off, bf16, fp16")
         self.check_softmax()
         if self.stage not in ("train", "pretrain", "finetune"):
             raise ConfigError(f"train.stage: {self.stage!r} is not train, pretrain or finetune")

@@ -25,6 +25,7 @@ from fearec_dist.models.softmax import SampledSoftmax, SoftmaxOptions
 from fearec_dist.models.spec import ModelSpec
 from fearec_dist.train import checkpoint as ckpt
 from fearec_dist.train.console import say
+from fearec_dist.train.device import grad_scaler_for
 from fearec_dist.train.distributed import SPARSE_TABLE, build_gather_ids
 from fearec_dist.train.progress import Progress
 
@@ -169,7 +170,7 @@ def build_train_state(
     if t.sparse_item_updates:  # row-sparse gradients of the item table (lookups and candidates)
         module.item_embedding.sparse = True
     optimizer = build_optimizer(module, t.lr, t.weight_decay, t.sparse_item_updates)
-    return ckpt.TrainState(module, optimizer, Progress())
+    return ckpt.TrainState(module, optimizer, Progress(), scaler=grad_scaler_for(device, t.amp))
 
 
 def rebuild_model(

@@ -5,7 +5,7 @@ per-rank RNG states (``rng_state``/``set_rng_state``/``gather_rng_states``), and
 (``save_state``, ``load_state``, ``load_state_uri``, ``latest_checkpoint``).
 
 Contents (nanoGPT's checkpoint dict is the model): ``model`` (the unwrapped module's state dict),
-``optimizer``, ``progress`` (epoch, best metric and epoch, patience counter, per-epoch history
+``optimizer``, ``scaler`` (``train.amp: fp16``'s loss scale, else None), ``progress`` (epoch, best metric and epoch, patience counter, per-epoch history
 rows), ``best_model`` (weights of the best validation epoch, for the test metrics), ``rng`` (a
 list, one entry per rank: torch CPU, CUDA when present, numpy and Python ``random`` states, each
 exact), ``config`` (the experiment dict) and ``data`` (examples info: URI and fingerprint of the
@@ -116,6 +116,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     progress: Progress
     best_model: dict[str, torch.Tensor] | None = None
+    scaler: torch.amp.GradScaler | None = None  # train.amp: fp16's loss scale
 
     def keep_best(self) -> None:
         """Copies the current weights as the best epoch's (CPU, detached)."""
@@ -131,6 +132,7 @@ class TrainState:
             "optimizer": self.optimizer.state_dict(),
             "progress": copy.deepcopy(asdict(self.progress)),
             "best_model": self.best_model,
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "rng": rng,
             "config": config,
             "data": info.to_dict(),
@@ -155,6 +157,8 @@ class TrainState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.progress = Progress(**state["progress"])
         self.best_model = state.get("best_model")
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])  # the loss scale, so resume is exact
         restore_rng_state(state["rng"], rank)
 
 

@@ -33,6 +33,12 @@ def autocast_for(device: torch.device, amp: str) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def grad_scaler_for(device: torch.device, amp: str) -> torch.amp.GradScaler | None:
+    """The loss scaler ``train.amp: fp16`` needs (float16 gradients underflow without it), or
+    None: bf16 and float32 keep float32's exponent range and need none."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
 def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     """A numpy batch as tensors on ``device`` (same keys, same dtypes)."""
     return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}

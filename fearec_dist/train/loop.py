@@ -79,6 +79,7 @@ class StepContext:
     gather: Any = None
     softmax: SampledSoftmax | None = None
     sparse_table: torch.nn.Parameter | None = None
+    scaler: torch.amp.GradScaler | None = None  # fp16: the loss is scaled, steps with inf skipped
 
 
 def train_one_epoch(
@@ -110,10 +111,17 @@ def train_one_epoch(
                 run.module, batch, gather=run.gather, forward=run.model, softmax=candidates
             )
         run.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        if run.scaler is None:
+            terms["loss"].backward()
+        else:  # scaled gradients: averaging them over ranks commutes with the unscale
+            run.scaler.scale(terms["loss"]).backward()
         if run.sparse_table is not None:
             average_sparse_grad(run.sparse_table)
-        run.optimizer.step()
+        if run.scaler is None:
+            run.optimizer.step()
+        else:  # unscales, skips the step if a gradient is inf/NaN, then adapts the scale
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
         steps += 1
@@ -187,6 +195,7 @@ def build_step_context(
         gather=build_gather(t.gather_negatives),
         softmax=softmax,
         sparse_table=state.module.item_embedding.weight if t.sparse_item_updates else None,
+        scaler=state.scaler,
     )
 
 
