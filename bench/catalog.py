@@ -75,16 +75,23 @@ def child(args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(1)
     batches = [random_batch(n, BATCH, g) for _ in range(2)]
     model.train()
-    times = []
+    times, phases = [], {"negatives": [], "forward": [], "backward": [], "optimizer": []}
     for step in range(2 + args.steps):
         batch = batches[step % 2]
-        start = time.perf_counter()
+        t = [time.perf_counter()]
         cands = softmax.at_step(0, step) if softmax is not None else None
+        t.append(time.perf_counter())
         loss = spec.loss_terms(model, batch, softmax=cands)["loss"]
+        t.append(time.perf_counter())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        t.append(time.perf_counter())
         opt.step()
-        times.append(time.perf_counter() - start)
+        t.append(time.perf_counter())
+        times.append(t[-1] - t[0])
+        if step >= 2:  # where a steady step spends its time
+            for i, name in enumerate(phases):
+                phases[name].append(t[i + 1] - t[i])
     steady = times[2:]
     eval_rows = []
     for _ in range(args.eval_batches):  # numpy, as the evaluation rows arrive
@@ -103,12 +110,25 @@ def child(args: argparse.Namespace) -> dict:
         "sparse_item_updates": sparse,
         "samples_per_s": round(BATCH * len(steady) / sum(steady), 1),
         "step_ms": round(1000 * sum(steady) / len(steady), 1),
+        "step_ms_median": round(1000 * float(np.median(steady)), 1),
+        "step_ms_min": round(1000 * min(steady), 1),
+        "step_ms_max": round(1000 * max(steady), 1),
+        "phase_ms_median": {k: round(1000 * float(np.median(v)), 1) for k, v in phases.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "eval_rows_per_s": round(EVAL_BATCH * len(eval_rows) / eval_s, 1),
         "eval_item_chunk": args.eval_chunk,
         "model_build_s": round(build_s, 1),
         "params": sum(p.numel() for p in model.parameters()),
     }
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One row from repeated processes: the median run's row, with the spread of samples/s."""
+    speeds = sorted(r["samples_per_s"] for r in runs)
+    row = dict(sorted(runs, key=lambda r: r["samples_per_s"])[(len(runs) - 1) // 2])
+    row |= {"repeats": len(runs), "samples_per_s_min": speeds[0], "samples_per_s_max": speeds[-1]}
+    row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    return row
 
 
 def configs(args: argparse.Namespace) -> list[tuple[str, str, str, bool]]:
@@ -131,6 +151,8 @@ def main() -> None:
     p.add_argument("--eval-chunk", type=int, default=65536, help="train.eval_item_chunk")
     p.add_argument("--full-max-items", type=float, default=1e6,
                    help="the largest catalogue the full softmax is run at")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=1,
+                   help="processes per row: samples/s is their median, with the range")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS, help="the JSON written")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -149,14 +171,19 @@ def main() -> None:
                "--eval-chunk", str(args.eval_chunk)]  # fmt: skip
         cmd += ["--sparse"] if sparse else []
         print(f"[catalog] {model} {size} items, {softmax}, sparse={sparse}", flush=True)
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        lines = [ln for ln in res.stdout.splitlines() if ln.startswith("ROW ")]
-        if res.returncode != 0 or not lines:
-            print(res.stderr[-2000:], file=sys.stderr)
+        runs = []
+        for _ in range(args.repeats):
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            lines = [ln for ln in res.stdout.splitlines() if ln.startswith("ROW ")]
+            if res.returncode != 0 or not lines:
+                print(res.stderr[-2000:], file=sys.stderr)
+                break
+            runs.append(json.loads(lines[-1][4:]))
+        if len(runs) < args.repeats:
             rows.append({"model": model, "n_items": int(float(size)), "softmax": softmax,
                          "sparse_item_updates": sparse, "error": res.stderr[-300:]})  # fmt: skip
             continue
-        rows.append(json.loads(lines[-1][4:]))
+        rows.append(summarize(runs))
         print("   ", rows[-1], flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
             "cpus": args.threads, "batch": BATCH, "max_seq_len": L}  # fmt: skip
