@@ -535,6 +535,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--beauty-s", type=float, default=75.0, help="(c): training time per model")
     p.add_argument("--sections", nargs="+", choices=SECTIONS,
                    help="default: all (--tiny: all but compiled)")  # fmt: skip
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--beauty-steps", type=int, default=0,
+                   help="(c): cap on steps per epoch (0: whole epochs; --tiny: 3)")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="small sizes: the CPU test of the bench")
     p.add_argument("--table", action="store_true", help="print the rows in --out as markdown")
     p.add_argument(
@@ -555,7 +558,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opts.distinct_batches = 32 if big else 2
     opts.eval_items, opts.eval_users = (10**6, 8192) if big else (2000, 64)
     opts.eval_batch, opts.eval_chunks = (512, [65536, 262144]) if big else (32, [512, 4096])
-    opts.beauty_batch, opts.beauty_steps = (256, 0) if big else (32, 3)  # 0: whole epochs
+    opts.beauty_batch = 256 if big else 32
+    opts.beauty_steps = opts.beauty_steps or (0 if big else 3)
     opts.max_epochs = 10**6 if big else 2
     if opts.tiny and "--beauty-s" not in (argv or sys.argv):
         opts.beauty_s = 2.0
@@ -602,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
         return True
 
     eager: dict[tuple, float] = {}
-    cases = [(m, a, b) for m in MODELS for a in ("off", "bf16") for b in opts.batches]
+    cases = [(m, a, b) for m in opts.models for a in ("off", "bf16") for b in opts.batches]
     if "train_step" in opts.sections:
         for name, amp, batch in cases:
             part = f"train_step {name} {amp} {batch}"
@@ -615,8 +619,8 @@ def main(argv: list[str] | None = None) -> None:
         valid = eval_batches(data["split"]["valid"], 512)
         test = eval_batches(data["split"]["test"], 512)
         reserve = opts.compile_min_s if "compiled" in opts.sections and not opts.tiny else 0.0
-        for i, name in enumerate(MODELS):
-            share = (clock.left() - reserve) / (len(MODELS) - i)
+        for i, name in enumerate(opts.models):
+            share = (clock.left() - reserve) / (len(opts.models) - i)
             budget = min(opts.beauty_s, share)
             if not skip(f"beauty {name}", 5.0 * big) and budget > 0:
                 attempt(f"beauty {name}", beauty_model, rows, data, device, opts, name, budget,
