@@ -222,7 +222,8 @@ def loss_terms(
     masked, labels, index = mask_item_seq(
         batch["item_seq"], batch["seq_len"], model.mask_id, c.mask_ratio, c.ft_ratio, model.n_slots
     )
-    out = (forward or model)(masked, batch["seq_len"], index)  # (B, K, D)
+    forward = model if forward is None else forward  # not `or`: a compiled module has no bool()
+    out = forward(masked, batch["seq_len"], index)  # (B, K, D)
     valid = ((labels > 0) if c.train_position_zero else (index > 0)).flatten()  # (B·K,)
     if softmax is None:
         logits = at_least_float32(model.item_scores(out))  # (B, K, V)

@@ -231,7 +231,7 @@ def loss_terms(
         ``nce_sem``, ``freq``. Each is a mean over this worker's rows.
     """
     c: FEARecConfig = model.config
-    forward = forward or model
+    forward = model if forward is None else forward  # a compiled module has no truth value
     pairs = NCE_PAIRS[c.contrast]
     used = {name for pair in pairs.values() for name in pair}
     # every view in one stacked forward (one DDP forward per step, larger matmuls); each row

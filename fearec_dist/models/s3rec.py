@@ -242,7 +242,8 @@ def pretrain_objectives(
     masked, pos, neg = parts["masked"], parts["pos"], parts["neg"]
     B = masked.shape[0]
     stacked = torch.cat([masked, parts["masked_seg"], parts["pos_seg"], parts["neg_seg"]])
-    hidden = at_least_float32((forward or model)(stacked, None, pretrain=True))  # (4B, L, D)
+    forward = model if forward is None else forward  # not `or`: a compiled module has no bool()
+    hidden = at_least_float32(forward(stacked, None, pretrain=True))  # (4B, L, D)
     h = hidden[:B]  # (B, L, D)
     w_attr = model.feature_embedding.weight  # (A, D)
     features = model.attribute_targets(pos, h.dtype)  # (B, L, A)
@@ -311,7 +312,8 @@ def loss_terms(
     Returns:
         ``{"loss": ce, "ce": ce.detach()}``, the mean over this worker's rows.
     """
-    seq_repr = (forward or model)(batch["item_seq"], batch["seq_len"])  # (B, D)
+    forward = model if forward is None else forward  # not `or`: a compiled module has no bool()
+    seq_repr = forward(batch["item_seq"], batch["seq_len"])  # (B, D)
     ce = next_item_ce(model, seq_repr, batch["target"], softmax)
     # the feature embedding and the four heads take no part in finetuning, but DDP (built
     # without find_unused_parameters) needs every parameter in the graph: add them with weight 0

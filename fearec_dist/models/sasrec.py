@@ -65,7 +65,8 @@ def loss_terms(
     Returns:
         ``{"loss": ce, "ce": ce}``, the mean over this worker's rows.
     """
-    seq_repr = (forward or model)(batch["item_seq"], batch["seq_len"])  # (B, D)
+    forward = model if forward is None else forward  # not `or`: a compiled module has no bool()
+    seq_repr = forward(batch["item_seq"], batch["seq_len"])  # (B, D)
     ce = next_item_ce(model, seq_repr, batch["target"], softmax)
     return {"loss": ce, "ce": ce}
 
