@@ -1,6 +1,8 @@
 """Command line: argparse -> config (validated once, here) -> one call into data/, train/ or tune.
 
-fearec-dist prepare --input URI --format {parquet,csv,atomic,seqtxt,synthetic} --output URI
+fearec-dist prepare --input URI --format {parquet,csv,atomic,seqtxt,delta,synthetic} --output URI
+                    [--append]
+fearec-dist data info|dump|gc PREPARED [--version N] [--json] [--output F.jsonl] [--keep N]
 fearec-dist train --config F [--set section.key=value ...] [--local | --debug] [--workers N]
 fearec-dist tune --config F --space F [--local]
 fearec-dist evaluate (--checkpoint URI | --baseline popularity --data URI) [--users N]
@@ -22,7 +24,9 @@ from typing import Any
 
 from fearec_dist.config import ConfigError, ExperimentConfig, add_set_argument, load_config
 from fearec_dist.config.reference import ModelDoc, render_markdown, render_text
-from fearec_dist.data.prepare import format_summary, parse_columns, prepare_dataset
+from fearec_dist.data.inspect import dataset_info, dump_dataset, format_info
+from fearec_dist.data.prepare import NothingNew, format_summary, parse_columns, prepare_dataset
+from fearec_dist.data.versions import gc_versions
 from fearec_dist.launch import ray_session
 from fearec_dist.models import get_spec, model_names, validate_model_section
 from fearec_dist.serve.cli import SERVE_COMMANDS, add_serve_commands
@@ -81,13 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         required=True,
-        choices=["parquet", "csv", "atomic", "seqtxt", "synthetic"],
+        choices=["parquet", "csv", "atomic", "seqtxt", "delta", "synthetic"],
         help="parquet/csv: columns user_id,item_id,timestamp[,rating]; atomic: RecBole .inter; "
         "seqtxt: 'user item item ...' per line, time-ordered; synthetic: generated demo logs",
     )
     p.add_argument("--output", required=True, help="output URI for the prepared dataset")
     p.add_argument("--attributes", help="item attributes: RecBole .item or item2attributes.json")
     p.add_argument("--columns", help="parquet/csv column mapping, e.g. user=uid,item=iid,time=ts")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add only the input not yet consumed (new files or partitions, Delta commits after "
+        "the recorded version) to the newest version of --output, as a new version; ids of "
+        "existing users, items and attributes never change",
+    )
     _add_config_args(p, required=False)
 
     p = sub.add_parser(
@@ -174,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--markdown", action="store_true", help="print the Markdown reference")
     how.add_argument("--write", metavar="FILE", help="write the Markdown reference to FILE")
 
+    _add_data_commands(sub)
+
     build_submit_parser(sub)
 
     add_serve_commands(sub)
@@ -201,6 +214,42 @@ def _train_config(args: argparse.Namespace) -> ExperimentConfig:
     return cfg
 
 
+def _add_data_commands(sub: Any) -> None:
+    """``fearec-dist data info | dump | gc`` (data/inspect.py, data/versions.py)."""
+    p = sub.add_parser("data", help="what a prepared dataset holds: versions, counts, dump, gc")
+    cmds = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = cmds.add_parser("info", help="versions (parent, kind, date), counts, time range, inputs")
+    q.add_argument("prepared", metavar="PREPARED")
+    q.add_argument("--version", type=int, help="the version to describe (default: the newest)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q = cmds.add_parser("dump", help="one JSON line per user: raw user, raw items, timestamps")
+    q.add_argument("prepared", metavar="PREPARED")
+    q.add_argument("--version", type=int, help="the version to dump (default: the newest)")
+    q.add_argument("--output", required=True, metavar="FILE.jsonl", help="where to write")
+    q = cmds.add_parser("gc", help="remove all versions but the newest N (never automatic)")
+    q.add_argument("prepared", metavar="PREPARED")
+    q.add_argument("--keep", type=int, required=True, metavar="N", help="versions to keep")
+    for q in cmds.choices.values():
+        add_set_argument(q, "storage options, e.g. --set storage.endpoint_url=…")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    storage = load_config(None, args.overrides).storage
+    if args.data_command == "info":
+        info = dataset_info(args.prepared, args.version, storage)
+        print(json.dumps(info, indent=2) if args.json else format_info(info))
+    elif args.data_command == "dump":
+        n = dump_dataset(args.prepared, args.output, args.version, storage)
+        print(f"wrote {n:,} users to {args.output}")
+    else:
+        done = gc_versions(args.prepared, args.keep, storage)
+        print(
+            f"removed versions {done['removed'] or 'none'}; uncommitted directories removed: "
+            f"{done['orphans'] or 'none'}; kept {done['kept']}"
+        )
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config or None, args.overrides)
@@ -208,9 +257,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.columns:
         data.columns = parse_columns(args.columns)
     with ray_session("auto"):
-        meta = prepare_dataset(
-            args.input, args.format, args.output, data=data, attributes_uri=args.attributes
-        )
+        try:
+            meta = prepare_dataset(args.input, args.format, args.output, data=data,
+                                   attributes_uri=args.attributes, append=args.append)  # fmt: skip
+        except NothingNew as done:
+            print(done)
+            return 0
     print(format_summary(meta))
     return 0
 
@@ -313,6 +365,7 @@ COMMANDS = {
     "tune": cmd_tune,
     "evaluate": cmd_evaluate,
     "config": cmd_config,
+    "data": cmd_data,
     "demo": cmd_demo,
     **SERVE_COMMANDS,
 }

@@ -8,7 +8,7 @@ from fearec_dist.config.keys import option
 from fearec_dist.config.storage import StorageSection
 from fearec_dist.errors import ConfigError
 
-FORMATS = ("parquet", "csv", "atomic", "seqtxt", "prepared", "synthetic")
+FORMATS = ("parquet", "csv", "atomic", "seqtxt", "delta", "prepared", "synthetic")
 
 
 @dataclass
@@ -40,6 +40,9 @@ class DataSection:
     synthetic_users: int = option(2000, "users of the generated logs (format: synthetic)")
     synthetic_items: int = option(500, "items of the generated logs (format: synthetic)")
     seed: int = option(0, "seed of the generated logs (format: synthetic)")
+    version: int | None = option(
+        None, "dataset version to read (fearec-dist data info lists them); null = the newest"
+    )
     storage: StorageSection = option(
         help="alias of the top-level `storage:` section (the same object once the config is built)",
         factory=StorageSection,
@@ -53,3 +56,5 @@ class DataSection:
         for key in ("block_rows", "partition_mb"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.version is not None and self.version < 0:
+            raise ConfigError(f"data.version: must be >= 0 or null, got {self.version}")

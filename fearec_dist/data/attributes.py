@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fearec_dist.config import StorageSection
+from fearec_dist.data.versions import resolve_version
 from fearec_dist.errors import DataError
 from fearec_dist.storage import exists, read_bytes, resolve
 
@@ -88,7 +89,8 @@ def read_attribute_table(prepared_uri: str, storage: StorageSection | None, n_it
     None when the prepared dataset has no attributes."""
     import torch
 
-    uri = f"{prepared_uri.rstrip('/')}/attributes.parquet"
+    prepared_uri = resolve_version(prepared_uri, storage=storage).uri  # a root: its newest
+    uri = f"{prepared_uri}/attributes.parquet"
     if not exists(uri, storage):
         return None
     fs, path = resolve(uri, storage)

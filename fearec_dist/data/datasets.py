@@ -27,31 +27,35 @@ from fearec_dist.data.epochs import EpochSource, head_fraction
 from fearec_dist.data.examples import ExamplesInfo, build_examples, eval_dataset, sample_users
 from fearec_dist.data.planner import start_planner
 from fearec_dist.data.prepare import prepare_dataset
-from fearec_dist.storage import exists, storage_root
+from fearec_dist.data.versions import list_versions, resolve_version
+from fearec_dist.storage import storage_root
 
 
 def ensure_prepared(cfg: ExperimentConfig, progress: bool = True) -> str:
-    """Returns a prepared dataset URI, running ``prepare`` first when the config names raw input.
-    A local path comes back absolute: the train workers run in Ray's own working directory."""
+    """Returns the directory of the prepared dataset version a run reads (``data.version``,
+    default the newest; ``data/versions.resolve_version``), running ``prepare`` first when the
+    config names raw input. A local path comes back absolute: the train workers run in Ray's own
+    working directory."""
     data = cfg.data
     if data.format == "prepared":
         if not data.path:
             raise ValueError("data.path is empty: name a prepared dataset or raw input")
-        return storage_root(data.path)
+        # the one way to a prepared dataset: data.version (default the newest) -> its directory
+        return resolve_version(storage_root(data.path), data.version, cfg.storage).uri
 
-    skip = ("storage", "max_seq_len")
+    skip = ("storage", "max_seq_len", "version")
     key = json.dumps({k: v for k, v in data.__dict__.items() if k not in skip}, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     cache = f"{storage_root(cfg.run.storage_path)}/_prepared/{data.format}-{digest}"
     out = storage_root(data.prepared_path) if data.prepared_path else cache
-    if exists(f"{out}/meta.json", cfg.storage):
+    if list_versions(out, cfg.storage):
         print(f"[fearec-dist] using prepared data at {out}")
-        return out
+        return resolve_version(out, data.version, cfg.storage).uri
     print(f"[fearec-dist] preparing {data.format} input {data.path or '(generated)'} -> {out}")
     prepare_dataset(
         data.path, data.format, out, data=data, attributes_uri=data.attributes, progress=progress
     )
-    return out
+    return resolve_version(out, data.version, cfg.storage).uri
 
 
 def prepare_run(cfg: ExperimentConfig) -> tuple[str, ExamplesInfo]:

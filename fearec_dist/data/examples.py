@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from fearec_dist.config import StorageSection
 from fearec_dist.data.popularity import training_counts
 from fearec_dist.data.sequences import build_loo_examples, gather_ranges, sequences_csr
+from fearec_dist.data.versions import resolve_version
 from fearec_dist.storage import open_output, read_json, read_parquet_dataset, resolve, write_json
 
 EXAMPLES_VERSION = 2
@@ -121,6 +122,13 @@ class ExamplesInfo:
     fingerprint: str = ""
     version: int = 0  # EXAMPLES_VERSION of the count that wrote it
     build_seconds: float = 0.0
+    data_uri: str = ""  # the dataset (its root) and the version read: results' "data" lineage
+    data_version: int = 0
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """``{"uri", "version"}``: the lineage that results, checkpoints and exports record."""
+        return {"uri": self.data_uri or self.prepared_uri, "version": self.data_version}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExamplesInfo:
@@ -220,13 +228,16 @@ def build_examples(
         the examples' info (``uri`` is this directory).
     """
     storage = storage or StorageSection()
-    meta = read_json(f"{prepared_uri.rstrip('/')}/meta.json", storage)
+    dataset = resolve_version(prepared_uri, storage=storage)  # a root: its newest version
+    prepared_uri, lineage = dataset.uri, dataset.lineage
+    meta = read_json(f"{prepared_uri}/meta.json", storage)
     out_uri = examples_uri(prepared_uri, meta, max_seq_len)
     if not rebuild:
         try:
             info = read_json(f"{out_uri}/info.json", storage)
             if info.get("version") == EXAMPLES_VERSION:  # where it lies now, not when counted
-                return ExamplesInfo.from_dict(info | {"uri": out_uri, "prepared_uri": prepared_uri})
+                where = {"uri": out_uri, "prepared_uri": prepared_uri}
+                return ExamplesInfo.from_dict(info | where | _lineage(lineage))
         except (FileNotFoundError, OSError, ValueError):
             pass
     start = time.time()
@@ -253,9 +264,14 @@ def build_examples(
         n_valid=int(totals[1]),
         n_test=int(totals[2]),
         build_seconds=round(time.time() - start, 2),
+        **_lineage(lineage),
     )
     write_json(f"{out_uri}/info.json", info.to_dict(), storage)  # last: the commit marker
     return info
+
+
+def _lineage(lineage: dict[str, Any]) -> dict[str, Any]:
+    return {"data_uri": lineage["uri"], "data_version": lineage["version"]}
 
 
 def read_item_counts(info: ExamplesInfo, storage: StorageSection | None = None) -> np.ndarray:

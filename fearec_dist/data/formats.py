@@ -201,9 +201,15 @@ def read_seqtxt_file(data: bytes, path: str, file_index: int) -> pa.Table:
 
 
 def read_any(
-    data: bytes, path: str, fmt: str, file_index: int, columns: dict[str, str] | None
+    data: bytes,
+    path: str,
+    fmt: str,
+    file_index: int,
+    columns: dict[str, str] | None,
+    partition: dict[str, str] | None = None,
 ) -> tuple[pa.Table, list[str]]:
-    """Dispatches on ``fmt``; returns (standard table, ignored column names)."""
+    """Dispatches on ``fmt``; returns (standard table, ignored column names). ``partition``:
+    the file's Hive/Delta partition values, added as string columns before validation."""
     if fmt == "seqtxt":
         return read_seqtxt_file(data, path, file_index), []
     if fmt == "parquet":
@@ -214,4 +220,8 @@ def read_any(
         raw, _ = read_atomic_file(data, path)
     else:
         raise DataError(f"unknown format {fmt!r}")
+    for key, value in (partition or {}).items():
+        if key in raw.column_names:
+            raise DataError(f"{path}: column {key!r} is also a partition key ({key}={value})")
+        raw = raw.append_column(key, pa.array([value] * raw.num_rows, pa.string()))
     return standardise(raw, path, file_index, columns)

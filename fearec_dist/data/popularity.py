@@ -20,6 +20,7 @@ import numpy as np
 
 from fearec_dist.config import StorageSection
 from fearec_dist.data.sequences import list_csr
+from fearec_dist.data.versions import resolve_version
 from fearec_dist.storage import resolve
 
 
@@ -79,7 +80,8 @@ def read_training_counts(
     """
     import pyarrow.dataset as pads
 
-    fs, root = resolve(f"{prepared_uri.rstrip('/')}/sequences", storage)
+    prepared_uri = resolve_version(prepared_uri, storage=storage).uri  # a root: its newest
+    fs, root = resolve(f"{prepared_uri}/sequences", storage)
     total = np.zeros(n_items + 1, dtype=np.int64)
     dataset = pads.dataset(root, filesystem=fs, format="parquet")
     for batch in dataset.to_batches(columns=["items"], batch_size=65_536):

@@ -1,31 +1,34 @@
-"""``fearec-dist prepare``: raw interaction logs -> a prepared dataset, as a Ray Data job.
+"""``fearec-dist prepare [--append]``: raw interaction logs -> a new version of a prepared
+dataset, as a Ray Data job.
 
-    read (one task per input file) -> validate -> [filters] -> id vocab -> hash-repartition by
-    user -> per-user sequences sorted by (time, input order), vectorised -> write
+    list inputs (only the unconsumed ones for --append) -> read (one task per file) -> validate
+    -> [filters] -> item vocab (driver) -> merge with the parent's sequences, users numbered
+    by bucket (data/merge.py) -> write versions/<N>-<id>/ -> commit (data/versions.py)
 
-Output layout (DESIGN.md)::
+Layout of one version (DESIGN.md; ``<v>`` = ``<root>/versions/<N>-<id>``, or the root itself for
+a dataset written before versions, which reads as version 0)::
 
-    <out>/sequences/*.parquet   user:int32, items:list<int32> (time-ordered),
-                                timestamps:list<int64> (input unit truncated; seqtxt: position)
-    <out>/vocab/items.parquet   id:int32 (1..n_items, 0 = padding), raw:string, count:int64
-    <out>/vocab/users.parquet   id:int32 (1..n_users), raw:string
-    <out>/attributes.parquet    item:int32, attrs:list<int32> (1..n_attributes), when given
-    <out>/meta.json             written last: its presence marks a complete dataset
+    <v>/sequences/*.parquet   user:int32, items:list<int32> (time-ordered),
+                              timestamps:list<int64> (input unit truncated; seqtxt: position),
+                              user_raw:string
+    <v>/vocab/items.parquet   id:int32 (1..n_items, 0 = padding), raw:string, count:int64
+    <v>/vocab/users/*.parquet id:int32 (1..n_users), raw:string (written by the Ray tasks)
+    <v>/attributes.parquet    item:int32, attrs:list<int32> (1..n_attributes), when given
+    <v>/inputs.json           every input file consumed up to this version (or Delta version)
+    <v>/meta.json             counts, sources, filters, parent
+    <root>/_commits/<N>.json  the commit, created last and only if absent
 
-Ids: raw ids sorted (numerically when every raw id is an integer, else as strings) and numbered
-from 1, so the numbering does not depend on file order or parallelism (Beauty keeps its ids).
-No step collects the interaction table into one process: the driver holds only the vocabularies
-and per-id counts. Filters (k-core on users/items, rating threshold) are off by default; what
-they remove is counted in ``meta.json['dropped']`` and printed.
-
-Commit protocol: everything else is written first and ``meta.json`` last, so a dataset without
-``meta.json`` is incomplete (readers check for it). On failure the partial output is deleted. An
-existing output is replaced only when it holds nothing but a prepared layout (and its
-``examples/`` cache); anything else there is an error, never a silent deletion.
+Ids: items are the raw ids sorted (numerically when every raw id is an integer) at the first
+prepare; an append numbers new items after the maximum, sorted the same way among themselves.
+Users: see ``data/merge.py`` (sorted raw ids for small data; the driver never holds them).
+Filters (k-core on users/items, rating threshold) are off by default; what they remove is
+counted in ``meta.json['dropped']`` and printed. ``--append`` refuses a dataset prepared with
+k-core filters: they are global and iterative, so rows dropped before could come back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -35,29 +38,48 @@ import pyarrow.compute as pc
 
 from fearec_dist.config import DataSection, StorageSection
 from fearec_dist.data import attributes as attrs_mod
+from fearec_dist.data import inputs as inputs_mod
 from fearec_dist.data import stages
+from fearec_dist.data.examples import DATA_TASK_CPUS
+from fearec_dist.data.merge import merge_sequences
+from fearec_dist.data.partitions import InputFile
 from fearec_dist.data.synthetic import write_synthetic
+from fearec_dist.data.versions import (
+    DatasetVersion,
+    commit_version,
+    list_versions,
+    new_version_dir,
+)
 from fearec_dist.errors import DataError
 from fearec_dist.storage import (
     delete_dir,
+    exists,
     list_children,
-    list_files,
+    read_bytes,
+    read_json,
+    read_parquet_dataset,
     redact,
     resolve,
+    storage_root,
+    write_bytes,
     write_json,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: versions, user_raw in the sequences, inputs.json
 ROWS_PER_PARTITION = 200_000  # interactions per hash partition of the per-user grouping step
 MAX_PARTITIONS = 1024
-LAYOUT = {"sequences", "vocab", "attributes.parquet", "meta.json", "examples"}
-FIELDS = ("user", "item", "time", "rating")
-SUFFIXES = {
-    "parquet": (".parquet", ".pq"),
-    "csv": (".csv", ".csv.gz", ".tsv"),
-    "atomic": (".inter",),
-    "seqtxt": (".txt",),
+LAYOUT = {
+    "sequences",
+    "vocab",
+    "attributes.parquet",
+    "meta.json",
+    "examples",
+    "versions",
+    "_commits",
 }
+FIELDS = ("user", "item", "time", "rating")
+SUFFIXES = inputs_mod.SUFFIXES
+FORMATS = (*SUFFIXES, "delta")
 
 
 def parse_columns(text: str) -> dict[str, str]:
@@ -83,6 +105,10 @@ def parse_columns(text: str) -> dict[str, str]:
     return out
 
 
+class NothingNew(Exception):
+    """``--append`` found no unconsumed input: no new version (the CLI exits 0)."""
+
+
 def prepare_dataset(
     input_uri: str,
     fmt: str,
@@ -91,26 +117,31 @@ def prepare_dataset(
     data: DataSection | None = None,
     attributes_uri: str | None = None,
     progress: bool = True,
+    append: bool = False,
 ) -> dict[str, Any]:
-    """Runs the prepare job and returns the written ``meta.json`` content.
+    """Runs the prepare job, commits a new version of ``output_uri``, returns its ``meta.json``.
 
     Needs a running Ray instance (or starts a default one, as any Ray Data call does).
 
     Args:
-        input_uri: file, directory, glob or URI (ignored for ``fmt="synthetic"``, which writes
-            its generated log to ``<output_uri>.raw`` and prepares that).
-        fmt: ``parquet``, ``csv``, ``atomic``, ``seqtxt`` or ``synthetic``.
-        output_uri: where the prepared dataset goes.
+        input_uri: file, directory (plain or Hive-partitioned), glob, Delta table or URI
+            (ignored for ``fmt="synthetic"``, which writes its generated log to
+            ``<output_uri>.raw`` and prepares that).
+        fmt: ``parquet``, ``csv``, ``atomic``, ``seqtxt``, ``delta`` or ``synthetic``.
+        output_uri: the prepared dataset (its versions live under it).
         data: filters, column mapping and storage options (defaults: none).
         attributes_uri: item attributes (RecBole ``.item`` or ``item2attributes.json``).
         progress: show Ray Data's progress bars.
+        append: read only what the newest version has not consumed, and merge it in.
 
     Returns:
-        The meta dict: ``n_users``, ``n_items``, ``n_interactions``, ``dropped``, ``sources``, …
+        The meta dict: ``version``, ``n_users``, ``n_items``, ``n_interactions``, ``dropped``, …
 
     Raises:
-        DataError: bad or unreachable input, naming the file and row or column; or an output
-            location that holds something other than a prepared dataset.
+        NothingNew: ``append`` and no unconsumed input (nothing written).
+        CommitConflict: another writer committed the same version first.
+        DataError: bad or unreachable input, naming the file and row or column; a refused
+            append; an output location that holds something other than a prepared dataset.
     """
     import ray.data
 
@@ -118,63 +149,82 @@ def prepare_dataset(
     storage = data.storage
     ray.data.DataContext.get_current().enable_progress_bars = progress
     start = time.time()
-    out = output_uri.rstrip("/")
+    root = storage_root(output_uri)
     if fmt == "synthetic":
-        input_uri = f"{out}.raw"
+        if append:
+            raise DataError("--append: the synthetic generator has no new data to append")
+        input_uri = f"{root}.raw"
         delete_dir(input_uri, storage)
-        write_synthetic(
-            input_uri,
-            storage=storage,
-            n_users=data.synthetic_users,
-            n_items=data.synthetic_items,
-            seed=data.seed,
-        )
+        write_synthetic(input_uri, storage=storage, n_users=data.synthetic_users,
+                        n_items=data.synthetic_items, seed=data.seed)  # fmt: skip
         fmt = "parquet"
-    if fmt not in SUFFIXES:
-        raise DataError(f"--format {fmt!r}: expected one of {', '.join(SUFFIXES)} or synthetic")
-    files = list_files(input_uri, storage, SUFFIXES[fmt])
-    _clear_output(out, storage)
+    if fmt not in SUFFIXES and fmt != "delta":
+        raise DataError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)} or synthetic")
+    existed = exists(root, storage)
+    _check_output(root, storage)
+    versions = list_versions(root, storage)
+    parent = (
+        inputs_mod.appendable(root, versions, input_uri, fmt, data, storage) if append else None
+    )
+    consumed = read_json(f"{parent.uri}/inputs.json", storage) if parent else None
+    files, inputs = inputs_mod.select(input_uri, fmt, storage, consumed)
+    if not files:
+        raise NothingNew(
+            f"nothing new in {redact(input_uri)}: every input is already in version "
+            f"{parent.version} of {redact(root)}; no version written"
+        )
+    version = versions[-1].version + 1 if versions else 1
+    vdir = new_version_dir(root, version)
+    out = f"{root}/{vdir}"
     try:
-        meta = _run(files, fmt, out, data, storage, attributes_uri, input_uri)
+        meta = _run(files, fmt, out, data, storage, attributes_uri, input_uri, parent)
+        meta |= {"version": version, "parent": versions[-1].version if versions else None,
+                 "kind": "append" if append else "prepare"}  # fmt: skip
+        meta["seconds"] = round(time.time() - start, 2)
+        write_json(f"{out}/inputs.json", inputs, storage)
+        write_json(f"{out}/meta.json", meta, storage)
+        inputs_mod.pause_before_commit()
+        commit_version(root, version, vdir, meta["parent"], meta["kind"], storage)
     except BaseException as err:
-        delete_dir(out, storage)
+        with contextlib.suppress(DataError):
+            delete_dir(out, storage)
+            for path in (f"{root}/versions", root)[: 1 + (not existed)]:
+                if not list_children(path, storage):  # only what this run created, empty
+                    delete_dir(path, storage)
         raise _unwrap(err) from None
-    meta["seconds"] = round(time.time() - start, 2)
-    write_json(f"{out}/meta.json", meta, storage)  # last: the commit marker
     return meta
 
 
-def _clear_output(out: str, storage: StorageSection) -> None:
-    """Removes a previous prepared dataset at ``out``; refuses to touch anything else."""
-    children = list_children(out, storage)
-    foreign = sorted(set(children) - LAYOUT)
+def _check_output(root: str, storage: StorageSection) -> None:
+    """Refuses an output that holds anything but a prepared dataset (never deletes it)."""
+    foreign = sorted(set(list_children(root, storage)) - LAYOUT)
     if foreign:
         raise DataError(
-            f"--output {redact(out)} already holds {', '.join(foreign[:5])}"
+            f"--output {redact(root)} already holds {', '.join(foreign[:5])}"
             f"{' …' if len(foreign) > 5 else ''}, which is not a prepared dataset; "
             "choose a new or empty location"
         )
-    if children:
-        delete_dir(out, storage)
 
 
 def _run(
-    files: list[str],
+    files: list[InputFile],
     fmt: str,
     out: str,
     data: DataSection,
     storage: StorageSection,
     attributes_uri: str | None,
     input_uri: str,
+    parent: DatasetVersion | None,
 ) -> dict[str, Any]:
-    """read -> validate -> [filters] -> vocab -> per-user sequences -> write; returns meta."""
-    rows = stages.read_rows(files, fmt, data, storage)
+    """read -> validate -> [filters] -> item vocab -> merge -> write; returns meta."""
+    rows = stages.read_rows(files, "parquet" if fmt == "delta" else fmt, data, storage)
     n_read = rows.count()
-    if n_read == 0:
+    if n_read == 0 and not parent:
         raise DataError(f"{redact(input_uri)}: the input has no interactions")
     ignored = stages.ignored_columns(rows)
     rows = rows.drop_columns(["ignored"])
-    dropped: dict[str, int] = {}
+    pmeta = read_json(f"{parent.uri}/meta.json", storage) if parent else {}
+    dropped: dict[str, int] = dict(pmeta.get("dropped", {}))
     if data.rating_threshold is not None:
         if "rating" not in rows.schema().names:
             raise DataError(
@@ -183,51 +233,107 @@ def _run(
         thr = data.rating_threshold
         rows = stages.filter_rows(rows, lambda b: b.filter(pc.greater_equal(b["rating"], thr)))
         rows = rows.materialize()
-        dropped["rating_below_threshold"] = n_read - rows.count()
+        dropped["rating_below_threshold"] = (
+            dropped.get("rating_below_threshold", 0) + n_read - rows.count()
+        )
     if data.min_user_inter > 1 or data.min_item_inter > 1:
-        rows, users, items = stages.k_core(rows, data.min_user_inter, data.min_item_inter, dropped)
+        rows, _, items = stages.k_core(rows, data.min_user_inter, data.min_item_inter, dropped)
     else:
-        users, items = stages.value_counts(rows)
-    if not users:
+        items = stages.item_counts(rows)
+    old_raw, old_counts = _read_item_vocab(parent, storage)
+    index = {raw: i for i, raw in enumerate(old_raw)}
+    new_raw = stages.sorted_vocab([i for i in items if i not in index])
+    item_raw = old_raw + new_raw
+    index |= {raw: len(old_raw) + i for i, raw in enumerate(new_raw)}
+    counts = np.concatenate([old_counts, np.zeros(len(new_raw), dtype=np.int64)])
+    for raw, n in items.items():
+        counts[index[raw]] += n
+    n_new = int(sum(items.values()))
+    if not item_raw or (not parent and n_new == 0):
         raise DataError(f"{redact(input_uri)}: no interactions left after filtering ({dropped})")
-    user_raw, item_raw = stages.sorted_vocab(list(users)), stages.sorted_vocab(list(items))
-    user_vocab, item_vocab = pa.array(user_raw, pa.string()), pa.array(item_raw, pa.string())
-    n_inter = int(sum(users.values()))
+    n_inter = int(pmeta.get("n_interactions", 0)) + n_new
     n_parts = max(1, min(MAX_PARTITIONS, -(-n_inter // ROWS_PER_PARTITION)))
-    # Hash-partition by user (each partition arrives whole at one task), then sort and cut each
-    # partition into per-user lists with numpy; far faster than groupby().map_groups().
-    seqs = rows.repartition(n_parts, keys=["user"]).map_batches(
-        stages.BuildSequences(user_vocab, item_vocab), batch_format="pyarrow", batch_size=None
-    )
+    old_seqs = None
+    if parent:
+        old_seqs = read_parquet_dataset(f"{parent.uri}/sequences", storage,
+                                        num_cpus=DATA_TASK_CPUS)  # fmt: skip
+    vocab = pa.array(item_raw, pa.string())
+    n_old = int(pmeta.get("n_users", 0))
+    seqs, stats = merge_sequences(old_seqs, rows, vocab, n_old, n_parts, DATA_TASK_CPUS)
+    n_users = int(pmeta.get("n_users", 0)) + stats["new_users"]
     fs, root = resolve(out, storage)
     seqs.write_parquet(f"{root}/sequences", filesystem=fs)
-    stages.check_one_row_per_user(fs, f"{root}/sequences", len(user_raw))
-    _write_vocab(out, "items", item_raw, [items[i] for i in item_raw], storage)
-    _write_vocab(out, "users", user_raw, None, storage)
-    lengths = np.array([users[u] for u in user_raw])
-    counts = np.array([items[i] for i in item_raw])
+    stages.check_one_row_per_user(fs, f"{root}/sequences", n_users)
+    users = seqs.select_columns(["user", "user_raw"]).rename_columns(
+        {"user": "id", "user_raw": "raw"}
+    )
+    users.write_parquet(f"{root}/vocab/users", filesystem=fs)
+    _write_vocab(out, "items", item_raw, counts.tolist(), storage)
+    lengths = stats["lengths"]
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        "n_users": len(user_raw),
+        "n_users": n_users,
         "n_items": len(item_raw),
         "n_interactions": n_inter,
-        "n_read": int(n_read),
+        "n_read": int(pmeta.get("n_read", 0)) + int(n_read),
         "dropped": dropped,
-        "ignored_columns": ignored,
-        "sequence_length": _summary(lengths),
+        "ignored_columns": sorted(set(pmeta.get("ignored_columns", [])) | set(ignored)),
+        "sequence_length": {
+            "min": lengths["min"],
+            "mean": round(lengths["sum"] / max(1, lengths["n"]), 2),
+            "max": lengths["max"],
+        },
         "item_interactions": _summary(counts),
-        "sources": {"input": redact(input_uri), "format": fmt, "files": len(files)},
+        "time_range": _time_range(pmeta.get("time_range"), stats["time"]),
+        "sources": {
+            "input": redact(input_uri),
+            "format": fmt,
+            "files": int(pmeta.get("sources", {}).get("files", 0)) + len(files),
+        },  # fmt: skip
+        "this_version": {
+            "files": len(files),
+            "rows_read": int(n_read),
+            "interactions": n_new,
+            "new_users": stats["new_users"],
+            "new_items": len(new_raw),
+        },  # fmt: skip
         "filters": {
             "min_user_inter": data.min_user_inter,
             "min_item_inter": data.min_item_inter,
             "rating_threshold": data.rating_threshold,
         },
-        "id_order": "sorted raw ids (numeric when all are integers)",
+        "id_order": "items: sorted raw ids (numeric when all are integers), new ones after the "
+        "maximum; users: by (bucket, raw id), new ones after the maximum (data/merge.py)",
     }
+    for key in ("n_attributes", "items_with_attributes", "attribute_items_not_in_vocab"):
+        if key in pmeta:
+            meta[key] = pmeta[key]
     if attributes_uri:
         meta |= attrs_mod.write_attributes(attributes_uri, item_raw, out, storage)
         meta["sources"]["attributes"] = redact(attributes_uri)
+    elif parent and exists(f"{parent.uri}/attributes.parquet", storage):
+        write_bytes(f"{out}/attributes.parquet",
+                    read_bytes(f"{parent.uri}/attributes.parquet", storage), storage)  # fmt: skip
+        meta["sources"]["attributes"] = pmeta.get("sources", {}).get("attributes")
     return meta
+
+
+def _time_range(old: dict | None, new: dict[str, Any]) -> dict[str, Any]:
+    lows = [x for x in ((old or {}).get("min"), new.get("min")) if x is not None]
+    highs = [x for x in ((old or {}).get("max"), new.get("max")) if x is not None]
+    return {"min": min(lows) if lows else None, "max": max(highs) if highs else None}
+
+
+def _read_item_vocab(
+    parent: DatasetVersion | None, storage: StorageSection
+) -> tuple[list[str], np.ndarray]:
+    if parent is None:
+        return [], np.zeros(0, dtype=np.int64)
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(f"{parent.uri}/vocab/items.parquet", storage)
+    table = pq.read_table(path, filesystem=fs).sort_by("id")
+    return table.column("raw").to_pylist(), table.column("count").to_numpy().astype(np.int64)
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:

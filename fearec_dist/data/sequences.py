@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from fearec_dist.config import StorageSection
-from fearec_dist.errors import DataError
-from fearec_dist.storage import exists, resolve
+from fearec_dist.data.versions import resolve_version
+from fearec_dist.storage import resolve
 
 Split = dict[str, np.ndarray]
 
@@ -123,7 +123,7 @@ def sequences_csr(batch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def read_sequences(
-    prepared_uri: str, storage: StorageSection | None = None
+    prepared_uri: str, storage: StorageSection | None = None, version: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A prepared dataset's sequences as one in-memory CSR, ordered by user id.
 
@@ -131,8 +131,9 @@ def read_sequences(
     read ``<prepared>/sequences`` in parallel instead.
 
     Args:
-        prepared_uri: the output of ``prepare`` (local path or URI).
+        prepared_uri: the output of ``prepare`` (local path or URI), or one version's directory.
         storage: object-storage options.
+        version: the dataset version (default: the newest; ``data/versions.resolve_version``).
 
     Returns:
         ``(offsets (U + 1,) int64, items (I,) int32, users (U,) int32)``: user ``users[u]``'s
@@ -140,9 +141,7 @@ def read_sequences(
     """
     import pyarrow.parquet as pq
 
-    root = prepared_uri.rstrip("/")
-    if not exists(f"{root}/meta.json", storage):
-        raise DataError(f"{root}: not a prepared dataset (no meta.json)")
+    root = resolve_version(prepared_uri, version, storage).uri
     fs, path = resolve(f"{root}/sequences", storage)
     table = pq.read_table(path, filesystem=fs, columns=["user", "items"])
     return sequences_csr(table.sort_by("user"))

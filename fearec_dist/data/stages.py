@@ -6,6 +6,7 @@ vocabulary-sized (per-id counts, the ignored column names), never the interactio
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -25,8 +26,9 @@ class ReadFile:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         path, index = str(batch["path"][0]), int(batch["index"][0])
+        partition = json.loads(str(batch["partition"][0]))
         table, ignored = read_any(
-            read_bytes(path, self.storage), path, self.fmt, index, self.columns
+            read_bytes(path, self.storage), path, self.fmt, index, self.columns, partition
         )
         return table.append_column("ignored", pa.array([",".join(ignored)] * table.num_rows))
 
@@ -67,6 +69,24 @@ def value_counts(ds: Any) -> tuple[dict[str, int], dict[str, int]]:
             sub = acc.filter(pc.equal(acc["kind"], kind))
             out[kind] = dict(zip(sub["value"].to_pylist(), sub["n"].to_pylist()))
     return out["user"], out["item"]
+
+
+def item_counts(ds: Any) -> dict[str, int]:
+    """Interactions per item (vocabulary-sized: the users are never counted in the driver)."""
+
+    def count(batch: pa.Table) -> pa.Table:
+        vc = pc.value_counts(batch.column("item"))
+        return pa.table({"value": vc.field("values"), "n": vc.field("counts")})
+
+    acc: pa.Table | None = None
+    for part in ds.map_batches(count, batch_format="pyarrow", batch_size=None).iter_batches(
+        batch_size=None, batch_format="pyarrow"
+    ):
+        acc = part if acc is None else pa.concat_tables([acc, part])
+        acc = acc.group_by("value").aggregate([("n", "sum")]).rename_columns(["value", "n"])
+    if acc is None:
+        return {}
+    return dict(zip(acc["value"].to_pylist(), acc["n"].to_pylist()))
 
 
 def sorted_vocab(raw: list[str]) -> list[str]:
@@ -111,39 +131,18 @@ def k_core(
             dropped["item_min_inter"] += removed - by_user
 
 
-class BuildSequences:
-    """Ray Data UDF on a hash partition by user: ids -> per-user sorted sequences (numpy)."""
-
-    def __init__(self, user_vocab: pa.Array, item_vocab: pa.Array) -> None:
-        self.user_vocab, self.item_vocab = user_vocab, item_vocab
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        user = pc.index_in(batch["user"], value_set=self.user_vocab).to_numpy() + 1
-        item = pc.index_in(batch["item"], value_set=self.item_vocab).to_numpy() + 1
-        t = batch["time"].to_numpy()
-        order = np.lexsort((batch["order"].to_numpy(), t, user))  # user, then time, then input
-        user, item, t = user[order], item[order], t[order]
-        starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if len(user) else []
-        offsets = np.r_[starts, len(user)].astype(np.int32)
-        return pa.table(
-            {
-                "user": pa.array(user[starts].astype(np.int32)),
-                "items": pa.ListArray.from_arrays(pa.array(offsets), pa.array(item, pa.int32())),
-                # int64 per the layout; sorting above used the full-precision value
-                "timestamps": pa.ListArray.from_arrays(
-                    pa.array(offsets), pa.array(t.astype(np.int64))
-                ),
-            }
-        )
-
-
-def read_rows(files: list[str], fmt: str, data: DataSection, storage: StorageSection) -> Any:
-    """One Ray Data task per input file -> validated standard rows (materialized, distributed)."""
+def read_rows(files: list[Any], fmt: str, data: DataSection, storage: StorageSection) -> Any:
+    """One Ray Data task per input file (an ``InputFile`` or a URI) -> validated standard rows
+    (materialized, distributed); Hive/Delta partition values become columns of the file's rows.
+    Row order key: the file's position in ``files`` << 40 | its row."""
     import ray.data
 
-    listing = ray.data.from_items(
-        [{"path": f, "index": i} for i, f in enumerate(files)], override_num_blocks=len(files)
-    )
+    items = [
+        {"path": getattr(f, "uri", f), "index": i,
+         "partition": json.dumps(getattr(f, "partition", {}))}
+        for i, f in enumerate(files)
+    ]  # fmt: skip
+    listing = ray.data.from_items(items, override_num_blocks=max(1, len(files)))
     reader = ReadFile(fmt, data.columns, storage)
     return listing.map_batches(reader, batch_size=1, batch_format="numpy").materialize()
 

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from fearec_dist.config import StorageSection
 from fearec_dist.data.sequences import list_csr
+from fearec_dist.data.versions import list_versions, resolve_version
 from fearec_dist.serve.artifact import ServeError, load_export, vocab_checksum
 from fearec_dist.serve.recommend import Histories, item_tables, map_histories, recommend_batch
 from fearec_dist.storage import (
@@ -62,7 +63,11 @@ def read_vocab(prepared_uri: str, name: str, storage: StorageSection) -> pa.Arra
     import pyarrow.parquet as pq
 
     uri = f"{prepared_uri.rstrip('/')}/vocab/{name}.parquet"
-    table = pq.read_table(io.BytesIO(read_bytes(uri, storage)), columns=["id", "raw"])
+    if not exists(uri, storage):  # versioned datasets write vocab/users/ as part files
+        fs, path = resolve(uri.removesuffix(".parquet"), storage)
+        table = pq.read_table(path, filesystem=fs, columns=["id", "raw"])
+    else:
+        table = pq.read_table(io.BytesIO(read_bytes(uri, storage)), columns=["id", "raw"])
     table = table.sort_by("id")
     if not np.array_equal(table.column("id").to_numpy(), np.arange(1, table.num_rows + 1)):
         raise ServeError(f"{uri}: ids are not 1..{table.num_rows}")
@@ -208,7 +213,10 @@ def run_batch(
         if not overwrite:
             raise ServeError(f"--output {redact(out)} is not empty; choose a new location")
         delete_dir(out, storage)
-    prepared = input_uri.rstrip("/") if exists(f"{input_uri}/meta.json", storage) else None
+    # a prepared dataset (its newest version, data/versions.py), or raw histories
+    prepared = None
+    if list_versions(input_uri, storage):
+        prepared = resolve_version(input_uri, storage=storage).uri
     same_vocab = bool(prepared) and (
         vocab_checksum(read_vocab(prepared, "items", storage)) == export.manifest["vocab_checksum"]
     )

@@ -42,6 +42,7 @@ from fearec_dist.config import StorageSection, TrainSection
 from fearec_dist.data.examples import iter_eval_rows, sample_users
 from fearec_dist.data.feed import eval_batch_from_arrow
 from fearec_dist.data.popularity import read_training_counts
+from fearec_dist.data.versions import resolve_version
 from fearec_dist.models.spec import scores_against
 from fearec_dist.storage import read_json
 from fearec_dist.train.build import rebuild_model
@@ -316,7 +317,7 @@ def evaluate_popularity(
         ``{"baseline", "data", "max_seq_len", "valid", "test", "n_valid", "n_test", "users"}``.
     """
     storage = storage or StorageSection()
-    prepared_uri = prepared_uri.rstrip("/")
+    prepared_uri = resolve_version(prepared_uri, storage=storage).uri  # a root: its newest
     meta = read_json(f"{prepared_uri}/meta.json", storage)
     n_items, n_users = int(meta["n_items"]), int(meta["n_users"])
     scorer = PopularityScorer.from_counts(read_training_counts(prepared_uri, n_items, storage))

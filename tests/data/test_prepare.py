@@ -4,6 +4,7 @@ the shared datasets' known sizes, and s3:// -> s3:// against moto's server equal
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +15,7 @@ from fearec_dist.config import DataSection
 from fearec_dist.data import prepare as prepare_mod
 from fearec_dist.data.prepare import format_summary, prepare_dataset
 from fearec_dist.data.sequences import read_sequences
+from fearec_dist.data.versions import resolve_version
 from fearec_dist.errors import DataError
 from fearec_dist.storage import read_json, resolve
 from tests.conftest import shared_dataset
@@ -25,8 +27,13 @@ def _write_csv(path, rows):
     path.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
 
 
+def _v(out, name=""):
+    """A path inside the newest version of the prepared dataset at ``out``."""
+    return f"{resolve_version(str(out)).uri}/{name}".rstrip("/")
+
+
 def _sequences(out):
-    table = pq.read_table(f"{out}/sequences")
+    table = pq.read_table(_v(out, "sequences"))
     return {r["user"]: r["items"] for r in table.to_pylist()}
 
 
@@ -38,12 +45,12 @@ def test_vocab_order_ties_and_meta(ray_session, tmp_path):
     _write_csv(log / "b.csv", [("b", "100", 5), ("b", "3", 1)])
     meta = prepare_dataset(str(log), "csv", str(tmp_path / "out"), progress=False)
     assert (meta["n_users"], meta["n_items"], meta["n_interactions"]) == (2, 3, 5)
-    items = pq.read_table(tmp_path / "out/vocab/items.parquet").to_pydict()
+    items = pq.read_table(_v(tmp_path / "out", "vocab/items.parquet")).to_pydict()
     assert items["raw"] == ["3", "20", "100"] and items["id"] == [1, 2, 3]  # numeric sort
     assert items["count"] == [2, 2, 1]
     # a = user 1: 20 (t=1) then 3 (t=2); b = user 2: 3 (t=1), then 20, 100 (t=5, input order)
     assert _sequences(tmp_path / "out") == {1: [2, 1], 2: [1, 2, 3]}
-    on_disk = json.loads((tmp_path / "out/meta.json").read_text())
+    on_disk = read_json(_v(tmp_path / "out", "meta.json"))
     assert on_disk["n_items"] == 3 and on_disk["dropped"] == {}
     assert "interactions" in format_summary(meta)
 
@@ -93,9 +100,10 @@ def test_output_that_is_not_a_prepared_dataset_is_refused(ray_session, tmp_path)
     assert (out / "notes.txt").exists()
     (out / "notes.txt").unlink()
     prepare_dataset(str(tmp_path / "log.csv"), "csv", str(out), progress=False)
-    _write_csv(tmp_path / "log.csv", [("u", "i", 1)])  # a previous dataset is replaced
+    _write_csv(tmp_path / "log.csv", [("u", "i", 1)])  # a new version; the first stays
     meta = prepare_dataset(str(tmp_path / "log.csv"), "csv", str(out), progress=False)
-    assert meta["n_interactions"] == 1 and len(list((out / "sequences").glob("*"))) >= 1
+    assert meta["n_interactions"] == 1 and meta["version"] == 2 and meta["parent"] == 1
+    assert len(read_sequences(str(out))[1]) == 1 and len(read_sequences(str(out), None, 1)[1]) == 2
 
 
 def test_synthetic_format_and_attributes(ray_session, tmp_path):
@@ -115,7 +123,7 @@ def test_synthetic_format_and_attributes(ray_session, tmp_path):
         progress=False,
     )
     assert meta["n_attributes"] == 2 and meta["attribute_items_not_in_vocab"] == 1
-    table = pq.read_table(tmp_path / "a/attributes.parquet").to_pydict()
+    table = pq.read_table(_v(tmp_path / "a", "attributes.parquet")).to_pydict()
     assert table == {"item": [1, 2], "attrs": [[2, 1], [2]]}  # x = 1, y = 2
 
 
@@ -138,15 +146,18 @@ def test_relative_paths_come_back_absolute(ray_session, tmp_path, monkeypatch):
         ],
     )
     out = ensure_prepared(cfg, progress=False)
-    assert out == str(tmp_path / "rel/prep") and (tmp_path / "rel/prep/meta.json").exists()
+    assert out.startswith(str(tmp_path / "rel/prep/versions/1-"))  # the version's directory
     cfg = load_config(None, ["data.format=prepared", "data.path=rel/prep"])
-    assert ensure_prepared(cfg) == str(tmp_path / "rel/prep")
+    assert ensure_prepared(cfg) == out
     # examples counted from the relative path, then found again from the absolute one: the
     # cached info names where they lie now
     counted = build_examples("rel/prep", 20)
     found = build_examples(str(tmp_path / "rel/prep"), 20)
-    assert counted.uri.startswith("rel/prep/") and found.uri.startswith(str(tmp_path))
-    assert found.prepared_uri == str(tmp_path / "rel/prep")
+    assert counted.uri == found.uri and found.uri.startswith(out)  # resolved: absolute
+    assert found.prepared_uri == out and found.data == {
+        "uri": str(tmp_path / "rel/prep"),
+        "version": 1,
+    }
 
 
 def test_bad_input_fails_and_writes_nothing(ray_session, tmp_path):
@@ -181,19 +192,25 @@ def test_ml100k_sizes(ray_session, tmp_path):
     assert meta["n_attributes"] == 19  # genres
 
 
-def _reference(table: pa.Table) -> dict[int, list[int]]:
-    """Per-user sequences computed directly (numpy), with the documented id order."""
+def _reference(table: pa.Table) -> dict[str, list[str]]:
+    """Per-user sequences computed directly (numpy), in raw ids, in the documented order:
+    the integer timestamp, then input order."""
     users = sorted(set(table["user_id"].to_pylist()))
-    items = sorted(set(table["item_id"].to_pylist()))
-    uid = {u: i + 1 for i, u in enumerate(users)}
-    iid = {v: i + 1 for i, v in enumerate(items)}
+    uid = {u: i for i, u in enumerate(users)}
     u = np.array([uid[x] for x in table["user_id"].to_pylist()])
-    it = np.array([iid[x] for x in table["item_id"].to_pylist()])
-    order = np.lexsort((np.arange(len(u)), table["timestamp"].to_numpy(), u))
-    out: dict[int, list[int]] = {}
-    for user, item in zip(u[order], it[order]):
-        out.setdefault(int(user), []).append(int(item))
+    it = table["item_id"].to_pylist()
+    t = table["timestamp"].to_numpy().astype(np.int64)
+    order = np.lexsort((np.arange(len(u)), t, u))
+    out: dict[str, list[str]] = {}
+    for k in order:
+        out.setdefault(users[u[k]], []).append(it[k])
     return out
+
+
+def _raw_sequences(out) -> dict[str, list[str]]:
+    items = pq.read_table(_v(out, "vocab/items.parquet")).sort_by("id").column("raw").to_pylist()
+    table = pq.read_table(_v(out, "sequences"))
+    return {r["user_raw"]: [items[i - 1] for i in r["items"]] for r in table.to_pylist()}
 
 
 def test_grouping_over_many_partitions_matches_reference(
@@ -203,8 +220,8 @@ def test_grouping_over_many_partitions_matches_reference(
     out = tmp_path / "out"
     meta = prepare_dataset(str(synthetic_log.path), "parquet", str(out), progress=False)
     assert meta["sources"]["files"] == synthetic_log.n_files
-    assert _sequences(out) == _reference(synthetic_log.table)
-    schema = pq.read_schema(next((out / "sequences").glob("*.parquet")))
+    assert _raw_sequences(out) == _reference(synthetic_log.table)
+    schema = pq.read_schema(next(Path(_v(out, "sequences")).glob("*.parquet")))
     assert str(schema.field("timestamps").type) == "list<element: int64>"
     offsets, items, users = read_sequences(str(out))
     assert users.tolist() == list(range(1, meta["n_users"] + 1))
@@ -221,13 +238,14 @@ def test_s3_to_s3_equals_local(ray_session, s3_server, synthetic_log, tmp_path, 
     )
     assert meta["n_interactions"] == synthetic_log.table.num_rows
     assert meta["sources"]["files"] == synthetic_log.n_files
-    fs, path = resolve(f"s3://{bucket}/prepared/sequences")
+    fs, path = resolve(_v(f"s3://{bucket}/prepared", "sequences"))
     remote = pq.read_table(path, filesystem=fs).sort_by("user")
-    assert remote.equals(pq.read_table(tmp_path / "out/sequences").sort_by("user"))
-    for name in ("vocab/items.parquet", "vocab/users.parquet"):
-        fs, path = resolve(f"s3://{bucket}/prepared/{name}")
-        assert pq.read_table(path, filesystem=fs).equals(pq.read_table(tmp_path / "out" / name))
-    assert read_json(f"s3://{bucket}/prepared/meta.json")["n_users"] == meta["n_users"]
+    assert remote.equals(pq.read_table(_v(tmp_path / "out", "sequences")).sort_by("user"))
+    for name in ("vocab/items.parquet", "vocab/users"):
+        fs, path = resolve(_v(f"s3://{bucket}/prepared", name))
+        here = pq.read_table(_v(tmp_path / "out", name)).sort_by("id")
+        assert pq.read_table(path, filesystem=fs).sort_by("id").equals(here)
+    assert read_json(_v(f"s3://{bucket}/prepared", "meta.json"))["n_users"] == meta["n_users"]
     assert "testing" not in json.dumps(meta)  # credentials never reach outputs
     offsets, _, users = read_sequences(f"s3://{bucket}/prepared")
     assert len(users) == meta["n_users"] and offsets[-1] == meta["n_interactions"]
