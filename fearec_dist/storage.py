@@ -4,7 +4,7 @@ Owns: URIs (any local path, ``file://``, ``s3://`` or other fsspec URI) -> a fil
 (``resolve``, ``fsspec_filesystem``, ``ray_storage``), bounded timeouts and retries, redaction of
 URIs for logs, whole-object reads and writes (``read_bytes``/``write_bytes``/``open_output``,
 JSON), and telling a lost S3 connection from other failures (``is_connection_lost``,
-``connection_lost_error``).
+``connection_lost_error``; ``s3_policy.s3_failure`` for the rest).
 
 Object-storage options come from a ``StorageSection`` (the config's top-level ``storage:``
 section, passed as that object everywhere, Ray UDFs included) or the standard AWS environment
@@ -12,8 +12,10 @@ variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, …). Cr
 part of a config, a log line or an output file: they stay in the environment (or the instance
 role) and reach pyarrow's S3 client from there.
 
-An unreachable endpoint fails after bounded retries with an error naming the endpoint, never a
-multi-minute hang.
+Every S3 request follows one retry policy (``storage.max_attempts``, ``retry_mode``,
+``connect_timeout_s``, ``read_timeout_s``; ``s3_policy.py`` turns it into each client's
+settings): a throttling or unreachable endpoint fails after bounded attempts with an error naming
+the endpoint, the operation and the attempts, never a hang.
 """
 
 from __future__ import annotations
@@ -26,12 +28,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
+from fearec_dist import s3_policy
 from fearec_dist.config import StorageSection
 from fearec_dist.errors import DataError
-
-CONNECT_TIMEOUT_S = 5.0
-REQUEST_TIMEOUT_S = 20.0
-MAX_ATTEMPTS = 3
+from fearec_dist.s3_policy import endpoint_of
 
 
 def is_remote(uri: str) -> bool:
@@ -66,24 +66,27 @@ def redact(uri: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def endpoint_of(storage: StorageSection | None) -> str | None:
-    """The S3 endpoint in use: the config's, else ``AWS_ENDPOINT_URL(_S3)``, else None (AWS)."""
-    storage = storage or StorageSection()
-    return (
-        storage.endpoint_url
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
+class PolicyS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem that keeps the retry policy when pickled. pyarrow's own pickling
+    drops ``retry_strategy``: every copy sent to a Ray task or worker (Ray Data's reads and
+    writes, Ray Train's checkpoints) fell back to pyarrow's default of 3 attempts (measured)."""
+
+    def __init__(self, max_attempts: int, **kwargs: Any) -> None:
+        super().__init__(retry_strategy=s3_policy.pyarrow_retry_strategy(max_attempts), **kwargs)
+        self._policy_args = (max_attempts, kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild_s3, self._policy_args
+
+
+def _rebuild_s3(max_attempts: int, kwargs: dict[str, Any]) -> PolicyS3FileSystem:
+    return PolicyS3FileSystem(max_attempts, **kwargs)
 
 
 def s3_filesystem(storage: StorageSection | None) -> pafs.S3FileSystem:
-    """pyarrow's S3 client with bounded timeouts and retries; credentials from the environment."""
+    """pyarrow's S3 client under the storage retry policy; credentials from the environment."""
     storage = storage or StorageSection()
-    kwargs: dict[str, Any] = {
-        "connect_timeout": CONNECT_TIMEOUT_S,
-        "request_timeout": REQUEST_TIMEOUT_S,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
-    }
+    kwargs: dict[str, Any] = s3_policy.pyarrow_timeouts(storage)
     endpoint = endpoint_of(storage)
     if endpoint:
         scheme, _, host = endpoint.partition("://")
@@ -93,7 +96,7 @@ def s3_filesystem(storage: StorageSection | None) -> pafs.S3FileSystem:
     kwargs["region"] = region or "us-east-1"
     if storage.anonymous:
         kwargs["anonymous"] = True
-    return pafs.S3FileSystem(**kwargs)
+    return PolicyS3FileSystem(storage.max_attempts, **kwargs)
 
 
 def resolve(uri: str, storage: StorageSection | None = None) -> tuple[pafs.FileSystem, str]:
@@ -123,11 +126,13 @@ def read_parquet_dataset(uri: str, storage: StorageSection | None, **ray_args: A
     the dataset's size: on this 2-CPU box each read of a 200-user dataset took 9-10 s instead of
     0.2-0.4 s, and a run's prepare and per-epoch reads pay it each time. The file-based reader
     splits the same files into the same read tasks without them. ``RAY_DATA_USE_DATASOURCE_V2``
-    set in the environment keeps the user's choice.
+    set in the environment keeps the user's choice. Ray Data's own retries of S3 errors are
+    limited to those the client does not retry (``s3_policy.ray_data_retries_for_s3``).
     """
     import ray.data
 
     fs, root = resolve(uri, storage)
+    s3_policy.ray_data_retries_for_s3()
     if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
         ray.data.DataContext.get_current().use_datasource_v2 = False
     return ray.data.read_parquet(root, filesystem=fs, **ray_args)
@@ -135,7 +140,9 @@ def read_parquet_dataset(uri: str, storage: StorageSection | None, **ray_args: A
 
 def fsspec_filesystem(uri: str, storage: StorageSection | None = None) -> tuple[Any, str]:
     """(fsspec filesystem, path) for libraries that want fsspec (pandas, torch.save via open);
-    s3 gets the same endpoint, region, anonymity and bounded timeouts/retries as ``resolve``."""
+    s3 gets the same endpoint, region, anonymity and retry policy as ``resolve`` (botocore's
+    ``standard`` / ``adaptive`` mode; s3fs's own retry loop, which would re-run a call that
+    botocore gave up on 5 times more, is set to one try)."""
     import fsspec
 
     if uri.startswith(("s3://", "s3a://")):
@@ -151,12 +158,9 @@ def fsspec_filesystem(uri: str, storage: StorageSection | None = None) -> tuple[
         fs = s3fs.S3FileSystem(
             anon=storage.anonymous,
             client_kwargs=client_kwargs,
-            config_kwargs={
-                "connect_timeout": CONNECT_TIMEOUT_S,
-                "read_timeout": REQUEST_TIMEOUT_S,
-                "retries": {"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
-            },
+            config_kwargs=s3_policy.botocore_options(storage),
         )
+        fs.retries = 1  # s3fs's loop around botocore's: one layer of retries, not two
         return fs, uri.split("://", 1)[1].rstrip("/")
     if is_remote(uri):
         return fsspec.core.url_to_fs(uri)
@@ -169,13 +173,25 @@ def _describe(uri: str, storage: StorageSection | None) -> str:
     return f"{uri} (endpoint {redact(endpoint)})" if endpoint and is_remote(uri) else uri
 
 
+def _failed(verb: str, uri: str, storage: StorageSection | None, err: BaseException) -> DataError:
+    """``cannot <verb> <uri> (endpoint E): <error>``, and for an S3 request error the attempts
+    made and the policy."""
+    text = str(err)
+    found = s3_policy.failed_request(text) if is_remote(uri) else None
+    if found:
+        code, _, attempts = found
+        made = s3_policy.attempts_made(code, attempts, storage)
+        text += f" [{made}; {s3_policy.describe(storage)}]"
+    return DataError(f"cannot {verb} {_describe(uri, storage)}: {text}")
+
+
 def file_info(uri: str, storage: StorageSection | None = None) -> pafs.FileInfo:
     """pyarrow's FileInfo for ``uri`` (type NotFound when absent)."""
     fs, path = resolve(uri, storage)
     try:
         return fs.get_file_info(path)
     except OSError as err:
-        raise DataError(f"cannot reach {_describe(uri, storage)}: {err}") from None
+        raise _failed("reach", uri, storage, err) from None
 
 
 def exists(uri: str, storage: StorageSection | None = None) -> bool:
@@ -191,7 +207,7 @@ def list_children(uri: str, storage: StorageSection | None = None) -> list[str]:
             return []
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError as err:
-        raise DataError(f"cannot reach {_describe(uri, storage)}: {err}") from None
+        raise _failed("reach", uri, storage, err) from None
     return sorted(posixpath.basename(fi.path.rstrip("/")) for fi in infos)
 
 
@@ -216,7 +232,7 @@ def list_files(
             raise DataError(f"{_describe(uri, storage)} does not exist")
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
     except OSError as err:
-        raise DataError(f"cannot reach {_describe(uri, storage)}: {err}") from None
+        raise _failed("reach", uri, storage, err) from None
     import fnmatch
 
     out = []
@@ -242,15 +258,19 @@ def read_bytes(uri: str, storage: StorageSection | None = None) -> bytes:
         DataError: the store is unreachable or refuses the read (names the endpoint).
     """
     fs, path = resolve(uri, storage)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
+
+    try:
+        return s3_policy.call(read, storage)
     except FileNotFoundError:
         raise
     except OSError as err:
         if "not found" in str(err).lower() or "does not exist" in str(err).lower():
             raise FileNotFoundError(f"{uri} does not exist") from None
-        raise DataError(f"cannot read {_describe(uri, storage)}: {err}") from None
+        raise _failed("read", uri, storage, err) from None
 
 
 def open_output(uri: str, storage: StorageSection | None = None) -> IO[bytes]:
@@ -263,7 +283,7 @@ def open_output(uri: str, storage: StorageSection | None = None) -> IO[bytes]:
             fs.create_dir(parent, recursive=True)
         return fs.open_output_stream(path)
     except OSError as err:
-        raise DataError(f"cannot write {_describe(uri, storage)}: {err}") from None
+        raise _failed("write", uri, storage, err) from None
 
 
 def write_bytes(uri: str, data: bytes, storage: StorageSection | None = None) -> None:
@@ -272,7 +292,7 @@ def write_bytes(uri: str, data: bytes, storage: StorageSection | None = None) ->
         with open_output(uri, storage) as f:
             f.write(data)
     except OSError as err:
-        raise DataError(f"cannot write {_describe(uri, storage)}: {err}") from None
+        raise _failed("write", uri, storage, err) from None
 
 
 def read_json(uri: str, storage: StorageSection | None = None) -> Any:
@@ -292,7 +312,7 @@ def delete_dir(uri: str, storage: StorageSection | None = None) -> None:
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             fs.delete_dir(path)
     except OSError as err:
-        raise DataError(f"cannot delete {_describe(uri, storage)}: {err}") from None
+        raise _failed("delete", uri, storage, err) from None
 
 
 # what a lost connection to object storage looks like in pyarrow's and botocore's errors
@@ -305,19 +325,31 @@ NETWORK_MARKERS = (
     "EndpointConnectionError",
     "Could not resolve host",
 )
+# ... and an endpoint that kept throttling or failing a request through every attempt
+REFUSAL_MARKERS = (
+    "AWS Error SLOW_DOWN",
+    "AWS Error SERVICE_UNAVAILABLE",
+    "(SlowDown)",
+    "(ServiceUnavailable)",
+    "HTTP status 503",
+)
 
 
 def is_connection_lost(text: str, uris: tuple[str, ...]) -> bool:
-    """Whether an error text reads as a lost S3 connection while some of ``uris`` are on S3."""
+    """Whether an error text reads as a lost (or throttling) S3 endpoint, its requests out of
+    attempts, while some of ``uris`` are on S3."""
     on_s3 = any(u.startswith(("s3://", "s3a://")) for u in uris if u)
-    return on_s3 and any(m in text for m in NETWORK_MARKERS)
+    return on_s3 and any(m in text for m in NETWORK_MARKERS + REFUSAL_MARKERS)
 
 
 def connection_lost_error(storage: StorageSection | None, detail: str, cause: str) -> DataError:
-    """The one-line error for a lost S3 endpoint, after the bounded retries of this layer."""
-    endpoint = endpoint_of(storage) or "AWS S3 (default endpoint)"
+    """The one-line error for a lost or throttling S3 endpoint, after the policy's attempts."""
+    endpoint = redact(endpoint_of(storage) or "AWS S3 (default endpoint)")
+    found = s3_policy.failed_request(cause)
+    what = f"lost the connection to the S3 endpoint {endpoint}"
+    if found and any(m in cause for m in REFUSAL_MARKERS):
+        what = f"the S3 endpoint {endpoint} kept refusing {found[1]} ({found[0]})"
     return DataError(
-        f"lost the connection to the S3 endpoint {redact(endpoint)}: gave up after "
-        f"{MAX_ATTEMPTS} attempts per request ({CONNECT_TIMEOUT_S:.0f} s connect timeout) "
-        f"{detail}. Cause: {cause[:500]}"
+        f"{what}: gave up after {s3_policy.policy_of(storage).max_attempts} attempts per "
+        f"request ({s3_policy.describe(storage)}) {detail}. Cause: {cause[:500]}"
     )
