@@ -3,6 +3,8 @@
 fearec-dist export --run DIR|URI [--output URI] [--index flat|ivf|hnsw]
 fearec-dist recommend --export DIR|URI --history "raw ids" [-k 10] [--ann] [--exclude-seen]
 fearec-dist recommend --export DIR|URI --input URI --output URI [-k 100] [--ann]   (Ray Data)
+fearec-dist serve --export DIR|URI [--host 127.0.0.1] [--port 8000] [--replicas N] [--ann]
+    [--max-batch-size B] [--batch-wait-ms T] [--follow POINTER] [--local]   (Ray Serve, HTTP)
 """
 
 from __future__ import annotations
@@ -35,10 +37,27 @@ naming them. A history with no known id is an error unless --fallback popularity
 popular items by training counts, labelled source=popularity); in batch mode such users get a
 row with no items and source=empty_history.
 """
+SERVE_HELP = """\
+Serve an export online over HTTP with Ray Serve (needs pip install 'fearec-dist[serve]'):
+
+  POST /recommend        {"history": ["raw id", ...], "k": 10, "exclude_seen": false,
+                          "strict": false, "fallback": "none" | "popularity"}
+                         -> {"items", "scores", "unknown", "source", "export": {"model",
+                            "export_id"}}
+  POST /recommend/batch  a JSON list of such requests -> a list of answers
+  GET  /healthz          200 once the export is loaded;  GET /info: its manifest
+
+Concurrent requests are scored together (dynamic batching: up to --max-batch-size, waiting
+at most --batch-wait-ms for a batch to fill). Bad requests get a 4xx naming the field.
+--follow POINTER swaps to the export a promotion pointer (current.json) names, inside the
+running replicas, without failing a request. Binds 127.0.0.1 unless --host says otherwise.
+With --local it starts a Ray instance here, otherwise it joins the running cluster
+(RAY_ADDRESS). Serves until Ctrl-C / SIGTERM, then removes the application.
+"""
 
 
 def add_serve_commands(sub: Any) -> None:
-    """Adds ``export`` and ``recommend`` to the CLI's subparsers."""
+    """Adds ``export``, ``recommend`` and ``serve`` to the CLI's subparsers."""
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
         "export",
@@ -106,6 +125,55 @@ def add_serve_commands(sub: Any) -> None:
     p.add_argument("--threads", type=int, help="batch: torch threads per actor (default: its CPUs)")
     p.add_argument("--batch-size", type=int, default=1024, help="batch: users per batch")
     p.add_argument("--overwrite", action="store_true", help="batch: replace a non-empty --output")
+    _add_serve_parser(sub, fmt)
+
+
+def _add_serve_parser(sub: Any, fmt: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve an export online over HTTP (Ray Serve)",
+        description=SERVE_HELP,
+        formatter_class=fmt,
+    )
+    p.add_argument("--export", metavar="DIR|URI", help="the export to serve")
+    p.add_argument(
+        "--follow",
+        metavar="POINTER",
+        help='a promotion pointer (current.json with an "export" key): serve the export it '
+        "names and swap when it changes (without --export, it also gives the first export)",
+    )
+    p.add_argument("--poll-s", type=float, default=10.0, help="how often --follow is read (10)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (8000)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas of the model (1)")
+    p.add_argument("--cpus-per-replica", type=float, default=0.5, help="Ray CPUs per replica (0.5)")
+    p.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs per replica (0)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per replica (1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (with --gpus-per-replica)")
+    p.add_argument("--ann", action="store_true", help="use the export's FAISS index")
+    p.add_argument(
+        "--max-batch-size", type=int, default=32, help="requests scored together (32; 1: off)"
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=1.0,
+        help="how long a batch waits to fill after its first request (1 ms)",
+    )
+    p.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        help="requests a replica takes at once (default: 2 x --max-batch-size, at least 64)",
+    )
+    p.add_argument("--max-history", type=int, default=1000, help="ids per history (1000)")
+    p.add_argument("--max-k", type=int, default=1000, help="largest k (1000)")
+    p.add_argument(
+        "--request-timeout-s", type=float, default=10.0, help="queue + scoring limit (10 s)"
+    )
+    p.add_argument("--access-log", action="store_true", help="Serve's per-request log lines")
+    p.add_argument(
+        "--local", action="store_true", help="start a Ray instance here (default: join cluster)"
+    )
 
 
 def _index_params(pairs: list[str]) -> dict[str, int]:
@@ -226,4 +294,44 @@ def _recommend_batch(args: argparse.Namespace, k: int) -> int:
     return 0
 
 
-SERVE_COMMANDS = {"export": cmd_export, "recommend": cmd_recommend}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fearec_dist.serve.artifact import ServeError
+
+    if not args.export and not args.follow:
+        raise ServeError("serve needs --export DIR|URI or --follow POINTER")
+    try:  # here, not at the top: Ray Serve's import is paid only by this command
+        from fearec_dist.serve.online import serve_forever
+    except ImportError as err:
+        print(
+            f"fearec-dist: error: {err}; serving online needs pip install 'fearec-dist[serve]'",
+            file=sys.stderr,
+        )
+        return 1
+    config = {
+        "export": args.export,
+        "follow": args.follow,
+        "poll_s": args.poll_s,
+        "ann": args.ann,
+        "device": args.device,
+        "threads": args.threads,
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_ms": args.batch_wait_ms,
+        "max_history": args.max_history,
+        "max_k": args.max_k,
+        "request_timeout_s": args.request_timeout_s,
+    }
+    serve_forever(
+        config,
+        mode="local" if args.local else "cluster",
+        host=args.host,
+        port=args.port,
+        replicas=args.replicas,
+        cpus_per_replica=args.cpus_per_replica,
+        gpus_per_replica=args.gpus_per_replica,
+        max_ongoing_requests=args.max_ongoing_requests,
+        access_log=args.access_log,
+    )
+    return 0
+
+
+SERVE_COMMANDS = {"export": cmd_export, "recommend": cmd_recommend, "serve": cmd_serve}
