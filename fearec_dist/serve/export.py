@@ -178,6 +178,7 @@ def export_run(
             "prepared": redact(data.prepared_uri),
             "examples_fingerprint": data.fingerprint,
         },
+        lineage=data.data,
         verify_on=_test_histories(data, storage),
         index=index,
         index_params=index_params,
@@ -197,6 +198,7 @@ def write_export(
     *,
     metrics: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
+    lineage: dict[str, Any] | None = None,
     verify_on: tuple[torch.Tensor, torch.Tensor] | None = None,
     index: str | None = None,
     index_params: dict[str, int] | None = None,
@@ -212,6 +214,8 @@ def write_export(
         raw_ids: (N,) raw item ids of internal ids 1..N.
         train_counts: (N + 1,) training interactions per id (``data/popularity.py``).
         metrics, source: recorded in the manifest (test metrics, where the weights came from).
+        lineage: ``{"uri", "version"}`` of the dataset the model trained on (the manifest's
+            ``data``).
         verify_on: (item_seq (T, L), seq_len (T,)) histories on which the exported encoder is
             compared with the model (the max difference goes into the manifest), or None.
         index, index_params: the ANN index to build (``serve/index.py``), or None.
@@ -269,6 +273,7 @@ def write_export(
         },
         "metrics": metrics or {},
         "source": source or {},
+        "data": lineage or {},  # {"uri", "version"} of the dataset the model trained on
         "index": None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -187,7 +187,7 @@ def rebuild_model(
         (model, its ModelSpec, the run's ExperimentConfig, its ExamplesInfo).
     """
     cfg = config_from_saved(state["config"], f"{source} (checkpoint config)")
-    info = ExamplesInfo.from_dict(state["data"])
+    info = ExamplesInfo.from_dict(state["data"].get("examples", state["data"]))  # or older
     spec = get_spec(cfg.model.name)
     model = build_run_model(spec, cfg, info)
     model.load_state_dict(state.get("best_model") or state["model"])

@@ -8,8 +8,8 @@ Contents (nanoGPT's checkpoint dict is the model): ``model`` (the unwrapped modu
 ``optimizer``, ``scaler`` (``train.amp: fp16``'s loss scale, else None), ``progress`` (epoch, best metric and epoch, patience counter, per-epoch history
 rows), ``best_model`` (weights of the best validation epoch, for the test metrics), ``rng`` (a
 list, one entry per rank: torch CPU, CUDA when present, numpy and Python ``random`` states, each
-exact), ``config`` (the experiment dict) and ``data`` (examples info: URI and fingerprint of the
-prepared data). Saved with ``torch.save`` and read back with ``weights_only=True``: nothing
+exact), ``config`` (the experiment dict) and ``data`` (``{"uri", "version"}`` of the dataset
+version trained on, and ``examples``: the examples info, URI and fingerprint). Saved with ``torch.save`` and read back with ``weights_only=True``: nothing
 pickled is ever executed.
 
 Per-rank RNG: every rank seeds its own generators (``seed + rank``), so each rank's states are
@@ -135,7 +135,8 @@ class TrainState:
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "rng": rng,
             "config": config,
-            "data": info.to_dict(),
+            # lineage (DESIGN.md): {"uri", "version"} of the dataset, and the examples read
+            "data": info.data | {"examples": info.to_dict()},
         }
 
     def restore_from(self, checkpoint: Any, rank: int, device: torch.device) -> None:

@@ -84,8 +84,9 @@ def results_dict(progress: Progress, cfg_dict: dict[str, Any], info: ExamplesInf
         "epochs_run": progress.epoch,
         "stopped_early": progress.stopped_early,
         "seconds_training": round(sum(r.get("train_seconds", 0.0) for r in progress.history), 1),
-        "data": {
-            k: getattr(info, k) for k in ("uri", "fingerprint", "n_train", "n_valid", "n_test")
-        },
+        # lineage (DESIGN.md): the dataset and its version; then the examples counted from it
+        "data": info.data
+        | {"examples": info.uri}
+        | {k: getattr(info, k) for k in ("fingerprint", "n_train", "n_valid", "n_test")},
         "config": cfg_dict,
     }

@@ -129,3 +129,18 @@ def test_a_dataset_from_before_versions_is_version_0(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["meta"]["n_users"] == 1
     assert main(["data", "info", str(root), "--version", "3"]) == 1
     assert "version 3 does not exist" in capsys.readouterr().err
+
+
+def test_lineage_keys(tmp_path):
+    """results.json's and the checkpoint's ``data`` carry the dataset and its version; a
+    checkpoint written before (the examples info itself as ``data``) still reads."""
+    from fearec_dist.data.examples import ExamplesInfo
+    from fearec_dist.train.progress import Progress, results_dict
+
+    where = {"uri": "/d/versions/3-ab/examples/L5-x", "prepared_uri": "/d/versions/3-ab"}
+    info = ExamplesInfo(**where, max_seq_len=5, n_items=2, n_users=1, data_uri="/d", data_version=3)
+    data = results_dict(Progress(), {}, info)["data"]
+    assert (data["uri"], data["version"], data["examples"]) == ("/d", 3, info.uri)
+    state_data = info.data | {"examples": info.to_dict()}  # what TrainState.to_state writes
+    for saved in (state_data, info.to_dict()):
+        assert ExamplesInfo.from_dict(saved.get("examples", saved)) == info
