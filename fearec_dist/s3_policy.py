@@ -90,13 +90,15 @@ def pyarrow_retry_strategy(max_attempts: int) -> pafs.S3RetryStrategy:
 
 
 def botocore_options(storage: StorageSection | None) -> dict[str, Any]:
-    """``botocore.config.Config`` keyword arguments (s3fs's ``config_kwargs``): attempts count
-    the first try; ``adaptive`` adds the SDK's client-side rate limiter to ``standard``."""
+    """``botocore.config.Config`` keyword arguments (s3fs's ``config_kwargs``). botocore's
+    ``retries["max_attempts"]`` counts retries (one more attempt than it says, measured);
+    ``total_max_attempts`` counts attempts. ``adaptive`` adds the SDK's client-side rate
+    limiter to ``standard``."""
     s = policy_of(storage)
     return {
         "connect_timeout": float(s.connect_timeout_s),
         "read_timeout": float(s.read_timeout_s),
-        "retries": {"max_attempts": s.max_attempts, "mode": s.retry_mode},
+        "retries": {"total_max_attempts": s.max_attempts, "mode": s.retry_mode},
     }
 
 
