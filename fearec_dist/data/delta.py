@@ -27,6 +27,7 @@ import os
 from typing import Any
 from urllib.parse import unquote
 
+from fearec_dist import s3_policy
 from fearec_dist.config import StorageSection
 from fearec_dist.data.partitions import InputFile
 from fearec_dist.errors import DataError
@@ -54,6 +55,7 @@ def storage_options(uri: str, storage: StorageSection | None) -> dict[str, str]:
             opts["AWS_ALLOW_HTTP"] = "true"
     if storage.anonymous:
         opts["AWS_SKIP_SIGNATURE"] = "true"
+    opts |= s3_policy.object_store_options(storage)  # the storage retry policy
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         if os.environ.get(key):
             opts[key] = os.environ[key]

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fearec_dist import s3_policy
 from fearec_dist.config import StorageSection
 from fearec_dist.errors import DataError
 from fearec_dist.storage import (
@@ -193,7 +194,7 @@ def _s3_create(uri: str, data: bytes, storage: StorageSection | None) -> bool:
         raise DataError(f"{redact(uri)}: cannot commit a version anonymously")
     client = botocore.session.get_session().create_client(
         "s3",
-        config=Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 3}),
+        config=Config(**s3_policy.botocore_options(storage)),
         **kwargs,
     )
     try:
