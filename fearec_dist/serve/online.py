@@ -36,6 +36,7 @@ import json
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -356,6 +357,10 @@ def serve_forever(
         check_port_free(host, port)
     stop = stop or threading.Event()
     started = connect_ray(mode, dashboard=False)
+    # after ray.init, whose own SIGTERM handler would abort the process: a signal now stops
+    # the loop below (or, during start-up, right after the application is up) and we clean up
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in signals}
     try:
         url = start_app(build_app(cfg, **options), host, port)
         what = cfg.export or f"the export named by {cfg.follow}"
@@ -363,20 +368,18 @@ def serve_forever(
             f"[fearec-dist] serving {what} at {url} (POST {url}/recommend, GET {url}/healthz); "
             "Ctrl-C stops"
         )
-        previous = {
-            s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)
-        }
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            pass
+        say("[fearec-dist] stopping")
+    finally:
         try:
-            while not stop.wait(0.5):
-                pass
+            if mode == "local":
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)
+            if started:
+                ray.shutdown()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        say("[fearec-dist] stopping")
-    finally:
-        if mode == "local":
-            serve.shutdown()
-        else:
-            serve.delete(APP_NAME)
-        if started:
-            ray.shutdown()
