@@ -56,19 +56,45 @@ def read_attribute_tokens(uri: str, storage: StorageSection | None) -> dict[str,
 
 
 def write_attributes(
-    uri: str, item_raw: list[str], out: str, storage: StorageSection | None
+    uri: str,
+    item_raw: list[str],
+    out: str,
+    storage: StorageSection | None,
+    parent_uri: str | None = None,
 ) -> dict[str, Any]:
-    """Writes ``<out>/attributes.parquet``; returns the meta.json entries."""
+    """Writes ``<out>/attributes.parquet`` and ``<out>/vocab/attributes.parquet`` (id, raw
+    token); returns the meta.json entries.
+
+    ``parent_uri``: the version an append builds on. Its attribute ids and rows are kept as they
+    are; items that had no attributes there get theirs from ``uri``, and tokens it did not know
+    are numbered after its maximum (sorted among themselves).
+    """
     tokens = read_attribute_tokens(uri, storage)
     index = {raw: i + 1 for i, raw in enumerate(item_raw)}
-    kept = {t for raw, ts in tokens.items() if raw in index for t in ts}  # ids stay contiguous
-    vocab = {t: i + 1 for i, t in enumerate(sorted(kept))}
-    items, lists = [], []
-    for raw, ts in tokens.items():
-        if raw in index:
-            items.append(index[raw])
-            lists.append([vocab[t] for t in ts])
-    order = np.argsort(items)
+    vocab_list: list[str] = []
+    old_items: list[int] = []
+    old_lists: list[list[int]] = []
+    if parent_uri and exists(f"{parent_uri}/attributes.parquet", storage):
+        if not exists(f"{parent_uri}/vocab/attributes.parquet", storage):
+            raise DataError(
+                f"{parent_uri}: its attributes were written without their vocabulary (before "
+                "versions); prepare with --attributes again instead of appending them"
+            )
+        vocab_list = (
+            _read(f"{parent_uri}/vocab/attributes.parquet", storage)
+            .sort_by("id")["raw"]
+            .to_pylist()
+        )
+        old = _read(f"{parent_uri}/attributes.parquet", storage)
+        old_items, old_lists = old["item"].to_pylist(), old["attrs"].to_pylist()
+    have = set(old_items)
+    fresh = {raw: ts for raw, ts in tokens.items() if raw in index and index[raw] not in have}
+    known = set(vocab_list)
+    vocab_list += sorted({t for ts in fresh.values() for t in ts} - known)  # ids stay contiguous
+    vocab = {t: i + 1 for i, t in enumerate(vocab_list)}
+    items = old_items + [index[raw] for raw in fresh]
+    lists = old_lists + [[vocab[t] for t in ts] for ts in fresh.values()]
+    order = np.argsort(items, kind="stable")
     table = pa.table(
         {
             "item": pa.array(np.asarray(items, dtype=np.int32)[order]),
@@ -76,12 +102,21 @@ def write_attributes(
         }
     )
     fs, root = resolve(out, storage)
+    fs.create_dir(f"{root}/vocab", recursive=True)
     pq.write_table(table, f"{root}/attributes.parquet", filesystem=fs)
+    ids = pa.array(np.arange(1, len(vocab_list) + 1, dtype=np.int32))
+    pq.write_table(pa.table({"id": ids, "raw": pa.array(vocab_list, pa.string())}),
+                   f"{root}/vocab/attributes.parquet", filesystem=fs)  # fmt: skip
     return {
         "n_attributes": len(vocab),
         "items_with_attributes": len(items),
-        "attribute_items_not_in_vocab": len(tokens) - len(items),
+        "attribute_items_not_in_vocab": sum(raw not in index for raw in tokens),
     }
+
+
+def _read(uri: str, storage: StorageSection | None) -> pa.Table:
+    fs, path = resolve(uri, storage)
+    return pq.read_table(path, filesystem=fs)
 
 
 def read_attribute_table(prepared_uri: str, storage: StorageSection | None, n_items: int) -> Any:

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fearec_dist.data.sequences import list_csr
+from fearec_dist.storage import resolve
 
 RECORD_SCHEMA = pa.schema(
     [
@@ -280,3 +281,21 @@ def merge_sequences(
         "lengths": {"n": n, "sum": total, "min": lo or 0, "max": hi or 0},
         "time": {"min": t_lo, "max": t_hi},
     }
+
+
+def time_range(old: dict | None, new: dict[str, Any]) -> dict[str, Any]:
+    """The union of two ``{"min", "max"}`` time ranges (None where unknown)."""
+    lows = [x for x in ((old or {}).get("min"), new.get("min")) if x is not None]
+    highs = [x for x in ((old or {}).get("max"), new.get("max")) if x is not None]
+    return {"min": min(lows) if lows else None, "max": max(highs) if highs else None}
+
+
+def read_item_vocab(parent_uri: str | None, storage: Any) -> tuple[list[str], np.ndarray]:
+    """A version's raw item ids in id order and their counts ([] for none)."""
+    if parent_uri is None:
+        return [], np.zeros(0, dtype=np.int64)
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(f"{parent_uri}/vocab/items.parquet", storage)
+    table = pq.read_table(path, filesystem=fs).sort_by("id")
+    return table.column("raw").to_pylist(), table.column("count").to_numpy().astype(np.int64)

@@ -41,7 +41,7 @@ from fearec_dist.data import attributes as attrs_mod
 from fearec_dist.data import inputs as inputs_mod
 from fearec_dist.data import stages
 from fearec_dist.data.examples import DATA_TASK_CPUS
-from fearec_dist.data.merge import merge_sequences
+from fearec_dist.data.merge import merge_sequences, read_item_vocab, time_range
 from fearec_dist.data.partitions import InputFile
 from fearec_dist.data.synthetic import write_synthetic
 from fearec_dist.data.versions import (
@@ -240,7 +240,7 @@ def _run(
         rows, _, items = stages.k_core(rows, data.min_user_inter, data.min_item_inter, dropped)
     else:
         items = stages.item_counts(rows)
-    old_raw, old_counts = _read_item_vocab(parent, storage)
+    old_raw, old_counts = read_item_vocab(parent.uri if parent else None, storage)
     index = {raw: i for i, raw in enumerate(old_raw)}
     new_raw = stages.sorted_vocab([i for i in items if i not in index])
     item_raw = old_raw + new_raw
@@ -284,7 +284,7 @@ def _run(
             "max": lengths["max"],
         },
         "item_interactions": _summary(counts),
-        "time_range": _time_range(pmeta.get("time_range"), stats["time"]),
+        "time_range": time_range(pmeta.get("time_range"), stats["time"]),
         "sources": {
             "input": redact(input_uri),
             "format": fmt,
@@ -308,32 +308,17 @@ def _run(
     for key in ("n_attributes", "items_with_attributes", "attribute_items_not_in_vocab"):
         if key in pmeta:
             meta[key] = pmeta[key]
-    if attributes_uri:
-        meta |= attrs_mod.write_attributes(attributes_uri, item_raw, out, storage)
+    if attributes_uri:  # an append keeps the parent's attribute ids and adds new items'
+        meta |= attrs_mod.write_attributes(
+            attributes_uri, item_raw, out, storage, parent.uri if parent else None
+        )
         meta["sources"]["attributes"] = redact(attributes_uri)
     elif parent and exists(f"{parent.uri}/attributes.parquet", storage):
-        write_bytes(f"{out}/attributes.parquet",
-                    read_bytes(f"{parent.uri}/attributes.parquet", storage), storage)  # fmt: skip
+        for name in ("attributes.parquet", "vocab/attributes.parquet"):  # carried over as is
+            if exists(f"{parent.uri}/{name}", storage):
+                write_bytes(f"{out}/{name}", read_bytes(f"{parent.uri}/{name}", storage), storage)
         meta["sources"]["attributes"] = pmeta.get("sources", {}).get("attributes")
     return meta
-
-
-def _time_range(old: dict | None, new: dict[str, Any]) -> dict[str, Any]:
-    lows = [x for x in ((old or {}).get("min"), new.get("min")) if x is not None]
-    highs = [x for x in ((old or {}).get("max"), new.get("max")) if x is not None]
-    return {"min": min(lows) if lows else None, "max": max(highs) if highs else None}
-
-
-def _read_item_vocab(
-    parent: DatasetVersion | None, storage: StorageSection
-) -> tuple[list[str], np.ndarray]:
-    if parent is None:
-        return [], np.zeros(0, dtype=np.int64)
-    import pyarrow.parquet as pq
-
-    fs, path = resolve(f"{parent.uri}/vocab/items.parquet", storage)
-    table = pq.read_table(path, filesystem=fs).sort_by("id")
-    return table.column("raw").to_pylist(), table.column("count").to_numpy().astype(np.int64)
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:

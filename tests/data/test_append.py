@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from fearec_dist.cli import main
 from fearec_dist.config import DataSection
 from fearec_dist.data.examples import build_examples
 from fearec_dist.data.inspect import dataset_info, dump_dataset
@@ -103,13 +104,13 @@ def test_ids_are_stable_and_new_ones_come_after(appended, tmp_path):
     assert users.tolist() == [1, 2, 3, 4, 5] and offsets[-1] == 14
 
 
-def test_nothing_new_changed_file_and_refusals(appended, tmp_path):
+def test_nothing_new_changed_file_and_refusals(appended, tmp_path, capsys):
     tmp = appended[0]
     log, ds = tmp / "log", str(tmp / "ds")
     with pytest.raises(NothingNew, match="nothing new"):
         prepare_dataset(str(log), "csv", ds, progress=False, append=True)
-    proc = _cli("prepare", "--append", "--input", str(log), "--format", "csv", "--output", ds)
-    assert proc.returncode == 0 and "nothing new" in proc.stdout, proc.stderr[-2000:]
+    argv = ["prepare", "--append", "--input", str(log), "--format", "csv", "--output", ds]
+    assert main(argv) == 0 and "nothing new" in capsys.readouterr().out  # the CLI: exit 0
     assert [v.version for v in list_versions(ds)] == [1, 2]
     with pytest.raises(DataError, match="consumed .*log .*csv.*not"):
         prepare_dataset(str(tmp / "union"), "csv", ds, progress=False, append=True)
@@ -128,14 +129,12 @@ def test_nothing_new_changed_file_and_refusals(appended, tmp_path):
         prepare_dataset(str(changed), "csv", str(tmp_path / "none"), progress=False, append=True)
 
 
-def _cli(*args: str, env: dict | None = None, wait: bool = True):
+def _cli(*args: str, env: dict) -> subprocess.Popen:
+    """``fearec-dist ARGS`` in a process of its own (joining the session's Ray)."""
     cmd = [sys.executable, "-m", "fearec_dist", *args]
-    full_env = os.environ | {"PYTHONPATH": str(REPO)} | (env or {})
-    if not wait:
-        return subprocess.Popen(cmd, env=full_env, cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
-    return subprocess.run(cmd, env=full_env, cwd=REPO, capture_output=True, text=True,
-                          timeout=240)  # fmt: skip
+    full_env = os.environ | {"PYTHONPATH": str(REPO)} | env
+    return subprocess.Popen(cmd, env=full_env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -158,7 +157,7 @@ def test_killed_append_and_a_rival_commit(ray_session, tmp_path):
     env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     args = ("prepare", "--append", "--input", str(log), "--format", "csv", "--output", ds)
     gate = tmp_path / "gate"
-    loser = _cli(*args, env=env | {"FEAREC_DIST_COMMIT_GATE": str(gate)}, wait=False)
+    loser = _cli(*args, env=env | {"FEAREC_DIST_COMMIT_GATE": str(gate)})
     try:
         _wait_for(Path(f"{gate}.waiting"), loser)
         prepare_dataset(str(log), "csv", ds, progress=False, append=True)  # commits version 2
@@ -172,7 +171,7 @@ def test_killed_append_and_a_rival_commit(ray_session, tmp_path):
 
     _write_day(log, "3", {"a.csv": [("u5", "10", 1)]})
     gate2 = tmp_path / "gate2"
-    killed = _cli(*args, env=env | {"FEAREC_DIST_COMMIT_GATE": str(gate2)}, wait=False)
+    killed = _cli(*args, env=env | {"FEAREC_DIST_COMMIT_GATE": str(gate2)})
     try:
         _wait_for(Path(f"{gate2}.waiting"), killed)
         killed.send_signal(signal.SIGKILL)  # every file of version 3 written, no commit
@@ -191,3 +190,28 @@ def test_killed_append_and_a_rival_commit(ray_session, tmp_path):
     # the killed append is simply run again
     meta = prepare_dataset(str(log), "csv", ds, progress=False, append=True)
     assert (meta["version"], meta["n_users"]) == (3, 6)
+
+
+def test_attributes_are_appended_for_new_items(ray_session, tmp_path):
+    """Existing items keep their attribute ids; new items get theirs, new tokens numbered after
+    the maximum; without --attributes an append carries the parent's over."""
+    log, ds = tmp_path / "log", str(tmp_path / "ds")
+    attrs = tmp_path / "item2attributes.json"
+    attrs.write_text(json.dumps({"10": ["y"], "11": ["x", "y"], "12": ["x"]}))
+    _write_day(log, "1", DAY1)
+    prepare_dataset(str(log), "csv", ds, attributes_uri=str(attrs), progress=False)
+    attrs.write_text(json.dumps({"10": ["z"], "13": ["z", "a"], "2": ["y"]}))  # 10 changes: kept
+    _write_day(log, "2", DAY2)
+    meta = prepare_dataset(str(log), "csv", ds, attributes_uri=str(attrs), progress=False,
+                           append=True)  # fmt: skip
+    v2 = resolve_version(ds).uri
+    table = pq.read_table(f"{v2}/attributes.parquet").to_pydict()
+    vocab = pq.read_table(f"{v2}/vocab/attributes.parquet").to_pydict()
+    assert vocab == {"id": [1, 2, 3, 4], "raw": ["x", "y", "a", "z"]}
+    # items 10, 11, 12 = ids 1, 2, 3 (kept); 2 = 4, 13 = 5 (new)
+    assert table == {"item": [1, 2, 3, 4, 5], "attrs": [[2], [1, 2], [1], [2], [4, 3]]}
+    assert (meta["n_attributes"], meta["items_with_attributes"]) == (4, 5)
+    _write_day(log, "3", {"a.csv": [("u1", "10", 11)]})
+    prepare_dataset(str(log), "csv", ds, progress=False, append=True)
+    v3 = resolve_version(ds).uri
+    assert pq.read_table(f"{v3}/attributes.parquet").to_pydict() == table
