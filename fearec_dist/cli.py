@@ -5,7 +5,7 @@ fearec-dist prepare --input URI --format {parquet,csv,atomic,seqtxt,delta,synthe
 fearec-dist data info|dump|gc PREPARED [--version N] [--json] [--output F.jsonl] [--keep N]
 fearec-dist train --config F [--set section.key=value ...] [--local | --debug] [--workers N]
 fearec-dist tune --config F --space F [--local]
-fearec-dist evaluate (--checkpoint URI | --baseline popularity --data URI) [--users N]
+fearec-dist evaluate (--checkpoint URI | --baseline popularity --data URI [--set data.split=…])
 fearec-dist export --run DIR|URI [--output URI] [--index flat|ivf|hnsw]
 fearec-dist recommend --export DIR|URI (--history "raw ids" | --input URI --output URI) [-k K]
 fearec-dist submit CONFIG [--tune SPACE] [--address URL]   (ray job submit on a cluster)
@@ -26,6 +26,7 @@ from fearec_dist.config import ConfigError, ExperimentConfig, add_set_argument, 
 from fearec_dist.config.reference import ModelDoc, render_markdown, render_text
 from fearec_dist.data.inspect import dataset_info, dump_dataset, format_info
 from fearec_dist.data.prepare import NothingNew, format_summary, parse_columns, prepare_dataset
+from fearec_dist.data.temporal import baseline_protocol, describe_record
 from fearec_dist.data.versions import gc_versions
 from fearec_dist.launch import ray_session
 from fearec_dist.models import get_spec, model_names, validate_model_section
@@ -172,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"{BASELINE_SEED} for a baseline)",
     )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_set_argument(p, "--baseline: the protocol (data.split=temporal, data.valid_start, "
+                     "test_start, valid_days, test_days) and storage.*")  # fmt: skip
 
     p = sub.add_parser(
         "config",
@@ -300,9 +303,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if max_seq_len < 1:
             raise ValueError(f"--max-seq-len: must be >= 1, got {max_seq_len}")
         seed = BASELINE_SEED if args.seed is None else args.seed
-        results = evaluate_popularity(args.data, max_seq_len, users=args.users, seed=seed)
+        protocol, storage = baseline_protocol(args.data, args.overrides)
+        results = evaluate_popularity(args.data, max_seq_len, storage, users=args.users,
+                                      seed=seed, protocol=protocol)  # fmt: skip
     else:
-        for flag, value in (("--data", args.data), ("--max-seq-len", args.max_seq_len)):
+        for flag, value in (("--data", args.data), ("--max-seq-len", args.max_seq_len),
+                            ("--set", args.overrides or None)):  # fmt: skip
             if value is not None:
                 raise ValueError(f"{flag} is for --baseline; a checkpoint uses its run's own")
         results = evaluate_checkpoint(args.checkpoint, users=args.users, seed=args.seed)
@@ -324,10 +330,14 @@ def _print_results(results: dict[str, Any]) -> None:
         )
         return
     keys = ("hr@10", "ndcg@10", "mrr@10", "masked_hr@10", "masked_ndcg@10")
-    print(f"{'split':<6}" + "".join(f"{k:>16}" for k in keys))
+    print(f"{'split':<11}" + "".join(f"{k:>16}" for k in keys))
     for split in ("valid", "test"):
         row = results.get(split) or {}
-        print(f"{split:<6}" + "".join(f"{row.get(k, float('nan')):>16.4f}" for k in keys))
+        print(f"{split:<11}" + "".join(f"{row.get(k, float('nan')):>16.4f}" for k in keys))
+        if "warm_hr@10" in row:  # temporal: the warm targets alone
+            print(f"{split} warm".ljust(11) + "".join(f"{row['warm_' + k]:>16.4f}" for k in keys))
+    if results.get("protocol"):
+        print(describe_record(results["protocol"]))
     if results.get("best_epoch"):
         print(f"best epoch {results['best_epoch']} of {results.get('epochs_run')} run")
     elif "epochs_run" in results:  # a checkpoint of a run trained without evaluation

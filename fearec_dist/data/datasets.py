@@ -27,6 +27,7 @@ from fearec_dist.data.epochs import EpochSource, head_fraction
 from fearec_dist.data.examples import ExamplesInfo, build_examples, eval_dataset, sample_users
 from fearec_dist.data.planner import start_planner
 from fearec_dist.data.prepare import prepare_dataset
+from fearec_dist.data.temporal import resolve_protocol
 from fearec_dist.data.versions import list_versions, resolve_version
 from fearec_dist.storage import storage_root
 
@@ -43,7 +44,9 @@ def ensure_prepared(cfg: ExperimentConfig, progress: bool = True) -> str:
         # the one way to a prepared dataset: data.version (default the newest) -> its directory
         return resolve_version(storage_root(data.path), data.version, cfg.storage).uri
 
-    skip = ("storage", "max_seq_len", "version")
+    # the examples' keys: they cut the prepared data, they do not change it
+    skip = ("storage", "max_seq_len", "version", "split", "valid_start", "test_start", "valid_days",
+            "test_days")  # fmt: skip
     key = json.dumps({k: v for k, v in data.__dict__.items() if k not in skip}, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     cache = f"{storage_root(cfg.run.storage_path)}/_prepared/{data.format}-{digest}"
@@ -59,9 +62,18 @@ def ensure_prepared(cfg: ExperimentConfig, progress: bool = True) -> str:
 
 
 def prepare_run(cfg: ExperimentConfig) -> tuple[str, ExamplesInfo]:
-    """Prepared data + examples (both cached); returns (prepared URI, examples info)."""
+    """Prepared data + examples (both cached, the examples by L and the protocol's cuts);
+    returns (prepared URI, examples info)."""
     prepared = ensure_prepared(cfg)
-    info = build_examples(prepared, cfg.data.max_seq_len, cfg.storage)
+    protocol = resolve_protocol(cfg.data, prepared, cfg.storage)
+    info = build_examples(prepared, cfg.data.max_seq_len, cfg.storage, protocol=protocol)
+    print(f"[fearec-dist] {protocol.describe()}")
+    if protocol.temporal:
+        print(
+            f"[fearec-dist] cold targets (first seen at or after the cut, counted as misses): "
+            f"{info.cold_valid:,} valid / {info.cold_test:,} test; users skipped without "
+            f"history: {info.no_history_valid:,} valid / {info.no_history_test:,} test"
+        )
     print(
         f"[fearec-dist] examples: {info.n_train:,} train / {info.n_valid:,} valid / "
         f"{info.n_test:,} test, {info.n_items:,} items (cut from the sequences of "
@@ -76,10 +88,10 @@ def build_datasets(cfg: ExperimentConfig, info: ExamplesInfo) -> dict[str, Any]:
     if not cfg.train.evaluate:
         return {}
     users = sample_users(info.n_users, cfg.train.valid_users, cfg.train.seed)
-    uri, width = info.prepared_uri, info.max_seq_len
+    uri, width, protocol = info.prepared_uri, info.max_seq_len, info.protocol
     return {
-        "valid": eval_dataset(uri, width, "valid", cfg.storage, users).materialize(),
-        "test": eval_dataset(uri, width, "test", cfg.storage).materialize(),
+        "valid": eval_dataset(uri, width, "valid", cfg.storage, users, protocol).materialize(),
+        "test": eval_dataset(uri, width, "test", cfg.storage, protocol=protocol).materialize(),
     }
 
 
@@ -95,6 +107,7 @@ def start_feed(cfg: ExperimentConfig, info: ExamplesInfo, world: int, needs_part
         block_rows=cfg.data.block_rows,
         partition_bytes=cfg.data.partition_mb << 20,
         storage=cfg.storage,
+        protocol=info.protocol,
     )
     head = head_fraction(cfg.train.first_epoch_head, info.n_train)
     counts = f"{info.uri}/item_counts.parquet" if head and needs_partner else None

@@ -66,7 +66,8 @@ from fearec_dist.data.examples import (
     fixed_list,
     sequences_dataset,
 )
-from fearec_dist.data.sequences import build_loo_examples, sequences_csr
+from fearec_dist.data.sequences import sequences_csr
+from fearec_dist.data.temporal import LOO, SplitProtocol, build_split_examples, sequence_times
 
 FIELDS = ("history", "length", "target", "user")
 PAIR_FIELDS = ("pos_history", "pos_length")
@@ -133,11 +134,17 @@ class TrainRows:
     """Ray Data UDF: a batch of user sequences -> their training examples (pyarrow).
 
     ``keep``: None (every user), ``("head", fraction, seed)`` (only the head's users) or
-    ``("rest", fraction, seed)`` (every user but the head's).
+    ``("rest", fraction, seed)`` (every user but the head's). ``protocol``: which targets are
+    training targets (temporal: only those before ``valid_start``).
     """
 
-    def __init__(self, max_seq_len: int, keep: tuple[str, float, int] | None = None) -> None:
-        self.max_seq_len, self.keep = max_seq_len, keep
+    def __init__(
+        self,
+        max_seq_len: int,
+        keep: tuple[str, float, int] | None = None,
+        protocol: SplitProtocol = LOO,
+    ) -> None:
+        self.max_seq_len, self.keep, self.protocol = max_seq_len, keep, protocol
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.keep is not None:
@@ -145,8 +152,9 @@ class TrainRows:
             head = in_head(batch.column("user").to_numpy(), fraction, seed)
             batch = batch.filter(pa.array(head if which == "head" else ~head))
         offsets, items, users = sequences_csr(batch)
-        train = build_loo_examples(offsets, items, users, self.max_seq_len, splits=("train",))
-        train = train["train"]
+        times = sequence_times(batch) if self.protocol.temporal else None
+        train = build_split_examples(self.protocol, offsets, items, times, users,
+                                     self.max_seq_len, ("train",))["train"]  # fmt: skip
         return pa.table(
             {
                 "history": fixed_list(train["history"]),
@@ -246,6 +254,7 @@ class EpochSource:
     partition_bytes: int = 64 << 20  # data.partition_mb in bytes
     storage: StorageSection | None = None
     partner_ids: bool = False  # also emit the partner's (user, pos), for tests
+    protocol: SplitProtocol = LOO  # which targets train (data/temporal.py)
 
 
 def epoch_dataset(source: EpochSource, epoch: int, part: str = "all", head: float = 0.0) -> Any:
@@ -266,8 +275,8 @@ def epoch_dataset(source: EpochSource, epoch: int, part: str = "all", head: floa
         drop = (head, seed)  # every example is a candidate; the head's are not emitted
     elif part == "rest":
         keep = ("rest", head, seed)
-    ds = sequences_dataset(source.prepared_uri, source.storage)
-    ds = ds.map_batches(TrainRows(max_seq_len, keep), batch_format="pyarrow",
+    ds = sequences_dataset(source.prepared_uri, source.storage, source.protocol)
+    ds = ds.map_batches(TrainRows(max_seq_len, keep, source.protocol), batch_format="pyarrow",
                         batch_size=USERS_PER_BATCH, num_cpus=DATA_TASK_CPUS)  # fmt: skip
     parts = n_partitions(n_examples, max_seq_len, source.partition_bytes, minimum=1)
     if pair and parts == 1:  # it all fits one partition: gather it without a hash shuffle

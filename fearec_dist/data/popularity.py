@@ -10,6 +10,11 @@ items of the training examples, so a popularity ranking built from it has never 
 test target (RecBole's ``Pop`` model likewise counts only its training split).
 ``vocab/items.parquet``'s ``count`` column counts every interaction and is *not* that.
 
+Under the temporal protocol (``data/temporal.py``) the training part is every interaction before
+the training cut ``valid_start`` (``before=``), for the validation and the test rows alike: the
+model trains on that part only, so its baseline counts the same (and the items it counts are the
+warm items, the candidates).
+
 Used by serving's ``--fallback popularity`` (the export stores the counts in ``items.parquet``)
 and by the popularity baseline of ``evaluate``.
 """
@@ -35,7 +40,13 @@ def held_out_per_user(lengths: np.ndarray) -> np.ndarray:
 
 
 def training_counts(
-    offsets: np.ndarray, items: np.ndarray, n_items: int, *, targets_only: bool = False
+    offsets: np.ndarray,
+    items: np.ndarray,
+    n_items: int,
+    *,
+    targets_only: bool = False,
+    times: np.ndarray | None = None,
+    before: int | None = None,
 ) -> np.ndarray:
     """Interactions per item id in the training part of every sequence.
 
@@ -45,6 +56,8 @@ def training_counts(
         n_items: N.
         targets_only: count only the training examples' targets (every training position but
             a user's first item, which is only ever history): the examples' ``item_counts``.
+        times, before: the temporal protocol: (I,) timestamps, and the training cut; the
+            training part is then every interaction at ``times < before`` (None: leave-one-out).
 
     Returns:
         (N + 1,) int64 counts; index 0 (padding) is 0.
@@ -56,7 +69,8 @@ def training_counts(
     # position of each interaction inside its user's run, vectorised
     user = np.repeat(np.arange(len(lengths)), lengths)
     pos = np.arange(len(items)) - offsets[:-1][user]
-    train_items = np.asarray(items)[(pos < keep[user]) & (pos >= int(targets_only))]
+    train = pos < keep[user] if before is None else np.asarray(times) < before
+    train_items = np.asarray(items)[train & (pos >= int(targets_only))]
     counts = np.bincount(train_items, minlength=n_items + 1).astype(np.int64)
     if len(counts) > n_items + 1:
         raise ValueError(f"item id {len(counts) - 1} is outside 1..{n_items}")
@@ -65,7 +79,10 @@ def training_counts(
 
 
 def read_training_counts(
-    prepared_uri: str, n_items: int, storage: StorageSection | None = None
+    prepared_uri: str,
+    n_items: int,
+    storage: StorageSection | None = None,
+    before: int | None = None,
 ) -> np.ndarray:
     """``training_counts`` of a prepared dataset, streamed batch by batch (memory: one batch of
     sequences plus the (N + 1,) counts).
@@ -74,6 +91,7 @@ def read_training_counts(
         prepared_uri: the output of ``prepare`` (local path or URI).
         n_items: N (``meta.json``'s ``n_items``).
         storage: object-storage options.
+        before: the temporal protocol's training cut (``valid_start``); None: leave-one-out.
 
     Returns:
         (N + 1,) int64 training interactions per item id.
@@ -84,9 +102,14 @@ def read_training_counts(
     fs, root = resolve(f"{prepared_uri}/sequences", storage)
     total = np.zeros(n_items + 1, dtype=np.int64)
     dataset = pads.dataset(root, filesystem=fs, format="parquet")
-    for batch in dataset.to_batches(columns=["items"], batch_size=65_536):
+    columns = ["items"] if before is None else ["items", "timestamps"]
+    for batch in dataset.to_batches(columns=columns, batch_size=65_536):
         offsets, values = list_csr(batch.column("items"))
-        total += training_counts(offsets, values.to_numpy(zero_copy_only=False), n_items)
+        times = None
+        if before is not None:
+            times = list_csr(batch.column("timestamps"))[1].to_numpy(zero_copy_only=False)
+        items = values.to_numpy(zero_copy_only=False)
+        total += training_counts(offsets, items, n_items, times=times, before=before)
     return total
 
 

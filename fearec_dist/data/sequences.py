@@ -56,7 +56,6 @@ def build_loo_examples(
         (CSR of the whole history before the target).
     """
     offsets = np.asarray(offsets, dtype=np.int64)
-    items = np.asarray(items)
     lens = np.diff(offsets)
     n_samples = np.maximum(lens - 1, 0)
     # one sample per target position j = 1..n-1 (0-based inside the user)
@@ -66,10 +65,30 @@ def build_loo_examples(
     split = np.zeros(len(j), dtype=np.int8)  # 0 train, 1 valid, 2 test
     split[(s >= 2) & (j == s)] = 2
     split[(s >= 3) & (j == s - 1)] = 1
-    codes = [code for name, code in (("train", 0), ("valid", 1), ("test", 2)) if name in splits]
-    if len(codes) < 3:  # keep only the rows asked for before the (N, L) gather
-        keep = np.isin(split, codes)
-        user_idx, j, split = user_idx[keep], j[keep], split[keep]
+    out: dict[str, Split] = {}
+    for name, code in (("train", 0), ("valid", 1), ("test", 2)):
+        if name in splits:
+            m = split == code
+            out[name] = cut_examples(offsets, items, users, user_idx[m], j[m], max_seq_len, code)
+    return out
+
+
+def cut_examples(
+    offsets: np.ndarray,
+    items: np.ndarray,
+    users: np.ndarray,
+    user_idx: np.ndarray,
+    j: np.ndarray,
+    max_seq_len: int,
+    seen: bool,
+) -> Split:
+    """The examples at target positions ``j`` (0-based, >= 1) of users ``user_idx`` (indices
+    into ``users``): the last min(j, L) items before the target, left-aligned and right-padded
+    with 0; with ``seen``, also the whole history before the target (CSR ``seen_offsets``,
+    ``seen_items``). The one cutter of both protocols (``build_loo_examples``,
+    ``data/temporal.build_temporal_examples``); the schema is ``build_loo_examples``'.
+    """
+    offsets, items = np.asarray(offsets, dtype=np.int64), np.asarray(items)
     base = offsets[:-1][user_idx]
     target = items[base + j]
     hist_len = np.minimum(j, max_seq_len)
@@ -78,25 +97,17 @@ def build_loo_examples(
     valid_col = cols[None, :] < hist_len[:, None]
     idx = np.where(valid_col, hist_start[:, None] + cols[None, :], 0)
     history = np.where(valid_col, items[idx] if len(items) else 0, 0).astype(np.int32)
-
-    out: dict[str, Split] = {}
-    for name, code in (("train", 0), ("valid", 1), ("test", 2)):
-        if name not in splits:
-            continue
-        m = split == code
-        part: Split = {
-            "history": history[m],
-            "length": hist_len[m].astype(np.int32),
-            "target": target[m].astype(np.int32),
-            "user": np.asarray(users)[user_idx[m]].astype(np.int32),
-            "position": j[m].astype(np.int32),
-        }
-        if code:
-            counts = j[m]
-            part["seen_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-            part["seen_items"] = items[gather_ranges(base[m], counts)].astype(np.int32)
-        out[name] = part
-    return out
+    part: Split = {
+        "history": history,
+        "length": hist_len.astype(np.int32),
+        "target": target.astype(np.int32),
+        "user": np.asarray(users)[user_idx].astype(np.int32),
+        "position": np.asarray(j).astype(np.int32),
+    }
+    if seen:
+        part["seen_offsets"] = np.concatenate([[0], np.cumsum(j)]).astype(np.int64)
+        part["seen_items"] = items[gather_ranges(base, j)].astype(np.int32)
+    return part
 
 
 def sequences_to_csr(item_lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

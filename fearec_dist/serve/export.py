@@ -167,7 +167,8 @@ def export_run(
         cfg.model.name,
         cfg.model.params,
         read_item_vocab(data.prepared_uri, n_items, storage),
-        read_training_counts(data.prepared_uri, n_items, storage),
+        # the popularity fallback counts what the model trained on (temporal: before the cut)
+        read_training_counts(data.prepared_uri, n_items, storage, before=data.valid_start),
         metrics={
             "test": progress.get("test", {}),
             "valid": progress.get("valid", {}),
@@ -178,6 +179,7 @@ def export_run(
             "prepared": redact(data.prepared_uri),
             "examples_fingerprint": data.fingerprint,
         },
+        protocol=data.protocol_record(),
         lineage=data.data,
         verify_on=_test_histories(data, storage),
         index=index,
@@ -198,6 +200,7 @@ def write_export(
     *,
     metrics: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
+    protocol: dict[str, Any] | None = None,
     lineage: dict[str, Any] | None = None,
     verify_on: tuple[torch.Tensor, torch.Tensor] | None = None,
     index: str | None = None,
@@ -214,6 +217,7 @@ def write_export(
         raw_ids: (N,) raw item ids of internal ids 1..N.
         train_counts: (N + 1,) training interactions per id (``data/popularity.py``).
         metrics, source: recorded in the manifest (test metrics, where the weights came from).
+        protocol: the run's evaluation protocol (``results.json["protocol"]``), recorded.
         lineage: ``{"uri", "version"}`` of the dataset the model trained on (the manifest's
             ``data``).
         verify_on: (item_seq (T, L), seq_len (T,)) histories on which the exported encoder is
@@ -273,6 +277,7 @@ def write_export(
         },
         "metrics": metrics or {},
         "source": source or {},
+        "protocol": protocol or {},
         "data": lineage or {},  # {"uri", "version"} of the dataset the model trained on
         "index": None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

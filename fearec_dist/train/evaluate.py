@@ -27,6 +27,11 @@ compared with every chunk's scores; only an item whose score differs from the ta
 rounding of a different summation order (a near-duplicate item row) can be counted otherwise
 than a full matrix would count it. The target's own column is excluded by index, never by
 comparison, so it never beats itself.
+
+The temporal protocol (``data/temporal.py``) hands ``evaluate`` the items seen before the
+training cut (``warm``): only they are candidates (the model at the cut knows no other), a row
+whose target is cold counts as a miss in the usual metrics, and ``warm_…`` metrics score the warm
+targets alone.
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ import numpy as np
 import torch
 
 from fearec_dist.config import StorageSection, TrainSection
-from fearec_dist.data.examples import iter_eval_rows, sample_users
+from fearec_dist.data.examples import count_examples, count_summary, iter_eval_rows, sample_users
 from fearec_dist.data.feed import eval_batch_from_arrow
 from fearec_dist.data.popularity import read_training_counts
+from fearec_dist.data.temporal import LOO, SplitProtocol, protocol_record
 from fearec_dist.data.versions import resolve_version
 from fearec_dist.models.spec import scores_against
 from fearec_dist.storage import read_json
@@ -53,6 +59,7 @@ from fearec_dist.train.metrics import MetricAccumulator
 Batch = dict[str, torch.Tensor]
 BASELINES = ("popularity",)
 BASELINE_SEED = 2026  # the users sampled for a baseline when no seed is given
+MISS = 2**62  # the rank of a cold target: beyond every K
 
 
 class Scorer(Protocol):
@@ -99,6 +106,7 @@ def chunked_ranks(
     seen_rows: torch.Tensor | None = None,
     seen_items: torch.Tensor | None = None,
     item_chunk: int = 65536,
+    candidates: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks of the targets among item rows 1..V-1, history kept and history masked, scoring
     ``item_chunk`` rows of the table at a time.
@@ -114,6 +122,8 @@ def chunked_ranks(
         seen_rows, seen_items: (S,) history entries (row ``seen_rows[i]`` has seen
             ``seen_items[i]``), or None: the masked ranks are then the kept ones.
         item_chunk: C, the item rows scored at a time (memory: B × C scores and flags).
+        candidates: (V,) bool, the items that may beat a target (the temporal protocol's warm
+            items), or None for every item.
 
     Returns:
         ``(ranks, masked_ranks)``, each (B,) long, 1 = best.
@@ -144,6 +154,8 @@ def chunked_ranks(
         wins = scores > threshold  # (B, C) item beats the row's target
         if c0 == 0:
             wins[:, 0] = False  # padding is never a candidate
+        if candidates is not None:
+            wins &= candidates[None, c0:c1]
         # the target's own column, taken off by index (no comparison, no host sync)
         inside = (target >= c0) & (target < c1)
         own = wins.gather(1, (target - c0).clamp(0, c1 - c0 - 1)[:, None])[:, 0] & inside
@@ -168,6 +180,7 @@ def evaluate(
     amp: str = "off",
     all_reduce: bool = True,
     item_chunk: int = 65536,
+    warm: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Full-ranking metrics over ``batches`` (pyarrow tables or numpy dicts), both protocols.
 
@@ -182,14 +195,19 @@ def evaluate(
             "off"); the scores and their comparisons are float32 whatever it says.
         all_reduce: sum the metrics over the workers' process group.
         item_chunk: item rows scored at a time (``train.eval_item_chunk``).
+        warm: (V,) bool, the temporal protocol's items seen before the training cut (the
+            candidates; a cold target is a miss), or None (leave-one-out: every item).
 
     Returns:
-        ``{"hr@K", "ndcg@K", "mrr@K", "masked_…", "n_users"}``.
+        ``{"hr@K", "ndcg@K", "mrr@K", "masked_…", "n_users"}``; with ``warm`` also
+        ``"warm_…"`` (the same metrics over the warm targets only) and ``"n_cold"``.
     """
     was_training = model.training
     model.eval()
     acc = MetricAccumulator(topk)
+    warm_acc = MetricAccumulator(topk) if warm is not None else None
     weights, bias = spec.item_table(model)
+    candidates = None if warm is None else torch.as_tensor(warm, dtype=torch.bool).to(device)
     for raw in batches:
         batch_np = raw if isinstance(raw, dict) else eval_batch_from_arrow(raw)
         if not len(batch_np["target"]):
@@ -205,10 +223,20 @@ def evaluate(
             batch.get("seen_rows"),
             batch.get("seen_items"),
             item_chunk,
+            candidates,
         )
+        if warm_acc is not None:
+            hot = candidates[batch["target"]]
+            warm_acc.add(ranks[hot], masked[hot])
+            ranks, masked = ranks.masked_fill(~hot, MISS), masked.masked_fill(~hot, MISS)
         acc.add(ranks, masked)
     model.train(was_training)
-    return acc.result(all_reduce=all_reduce)
+    out = acc.result(all_reduce=all_reduce)
+    if warm_acc is not None:  # every rank gets here: the two all-reduces pair up
+        warm_out = warm_acc.result(all_reduce=all_reduce)
+        out |= {f"warm_{k}": v for k, v in warm_out.items() if k != "n_users"}
+        out["n_cold"] = out["n_users"] - warm_out["n_users"]
+    return out
 
 
 def user_sample(n_users: int, k: int, seed: int) -> tuple[np.ndarray | None, dict[str, Any]]:
@@ -242,7 +270,8 @@ def evaluate_checkpoint(
 
     Returns:
         ``{"valid": {...}, "test": {...}, "n_valid", "n_test", "users", "checkpoint",
-        "epochs_run", "best_epoch"}``.
+        "epochs_run", "best_epoch", "protocol"}`` (the run's protocol: its rows, candidates
+        and counts).
     """
     storage = storage or StorageSection()
     uri = latest_checkpoint(uri, storage)
@@ -251,15 +280,19 @@ def evaluate_checkpoint(
     ids, sample = user_sample(info.n_users, users, cfg.train.seed if seed is None else seed)
     out: dict[str, Any] = {"checkpoint": uri, "epochs_run": state["progress"]["epoch"]}
     out["best_epoch"] = state["progress"]["best_epoch"]
-    out["users"] = sample
-    t, cpu = cfg.train, torch.device("cpu")
+    out["users"], out["protocol"] = sample, info.protocol_record()
+    t, cpu, protocol = cfg.train, torch.device("cpu"), info.protocol
+    warm = None
+    if protocol.temporal:  # the items before the cut, counted as the run counted them
+        counts = read_training_counts(info.prepared_uri, info.n_items, storage,
+                                      before=protocol.valid_start)  # fmt: skip
+        warm = counts > 0
     for split in ("valid", "test"):
         rows = iter_eval_rows(info.prepared_uri, info.max_seq_len, split, t.eval_batch_size,
-                              storage, users=ids)  # fmt: skip
-        metrics = evaluate(
-            model, spec, rows, t.topk, cpu, all_reduce=False, item_chunk=t.eval_item_chunk
-        )
-        out[split] = {k: v for k, v in metrics.items() if k != "n_users"}
+                              storage, users=ids, protocol=protocol)  # fmt: skip
+        metrics = evaluate(model, spec, rows, t.topk, cpu, all_reduce=False,
+                           item_chunk=t.eval_item_chunk, warm=warm)  # fmt: skip
+        out[split] = {k: v for k, v in metrics.items() if k not in ("n_users", "n_cold")}
         out[f"n_{split}"] = metrics["n_users"]
     return out
 
@@ -295,6 +328,7 @@ def evaluate_popularity(
     topk: list[int] | None = None,
     batch_size: int = 512,
     item_chunk: int = 65536,
+    protocol: SplitProtocol = LOO,
 ) -> dict[str, Any]:
     """The popularity baseline on a prepared dataset's valid and test rows.
 
@@ -303,6 +337,9 @@ def evaluate_popularity(
     never a valid or test target), the ranking the serving fallback uses. Rows are cut from the
     sequences as for a checkpoint (``iter_eval_rows``; ``max_seq_len`` only sets the history
     width, ``seen`` is the whole history), so no examples build and no Ray are needed.
+    Under the temporal protocol the counts are every interaction before the training cut
+    ``valid_start``, for the validation and the test rows alike (the model trains on that part
+    only); the items counted are the candidates, a cold target is a miss.
 
     Args:
         prepared_uri: the output of ``fearec-dist prepare``.
@@ -312,25 +349,37 @@ def evaluate_popularity(
         seed: the sample's seed.
         topk: the K of every metric (default ``train.topk``'s).
         batch_size: rows per batch; item_chunk: items scored at a time.
+        protocol: leave-one-out, or temporal cuts (``data/temporal.resolve_protocol``).
 
     Returns:
-        ``{"baseline", "data", "max_seq_len", "valid", "test", "n_valid", "n_test", "users"}``.
+        ``{"baseline", "data", "max_seq_len", "valid", "test", "n_valid", "n_test", "users",
+        "protocol"}`` (the protocol's counts are over every user, the metrics over the scored).
     """
     storage = storage or StorageSection()
     prepared_uri = resolve_version(prepared_uri, storage=storage).uri  # a root: its newest
     meta = read_json(f"{prepared_uri}/meta.json", storage)
     n_items, n_users = int(meta["n_items"]), int(meta["n_users"])
-    scorer = PopularityScorer.from_counts(read_training_counts(prepared_uri, n_items, storage))
+    warm = None
+    if protocol.temporal:  # one pass: the popularity counts and the protocol's counts
+        totals = count_examples(prepared_uri, n_items, protocol, storage)
+        counts, record = totals["interactions"], count_summary(totals, protocol)
+        warm = counts > 0
+    else:
+        counts = read_training_counts(prepared_uri, n_items, storage)
+        record = {}
+    scorer = PopularityScorer.from_counts(counts)
     ids, sample = user_sample(n_users, users, seed)
     out: dict[str, Any] = {"baseline": "popularity", "data": prepared_uri}
     out |= {"max_seq_len": max_seq_len, "users": sample}
     topk = list(topk or TrainSection().topk)
     no_model, cpu = torch.nn.Module(), torch.device("cpu")
     for split in ("valid", "test"):
-        batches = iter_eval_rows(prepared_uri, max_seq_len, split, batch_size, storage, users=ids)
-        metrics = evaluate(
-            no_model, scorer, batches, topk, cpu, all_reduce=False, item_chunk=item_chunk
-        )
-        out[split] = {k: v for k, v in metrics.items() if k != "n_users"}
+        batches = iter_eval_rows(prepared_uri, max_seq_len, split, batch_size, storage,
+                                 users=ids, protocol=protocol)  # fmt: skip
+        metrics = evaluate(no_model, scorer, batches, topk, cpu, all_reduce=False,
+                           item_chunk=item_chunk, warm=warm)  # fmt: skip
+        out[split] = {k: v for k, v in metrics.items() if k not in ("n_users", "n_cold")}
         out[f"n_{split}"] = metrics["n_users"]
+        record.setdefault(f"n_{split}", metrics["n_users"])  # loo: the rows scored
+    out["protocol"] = protocol_record(protocol, record)
     return out

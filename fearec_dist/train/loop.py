@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from fearec_dist.config import ExperimentConfig, TrainSection
-from fearec_dist.data.examples import ExamplesInfo
+from fearec_dist.data.examples import ExamplesInfo, read_warm_items
 from fearec_dist.data.feed import TrainFeed
 from fearec_dist.models import get_spec
 from fearec_dist.models.softmax import SampledSoftmax
@@ -200,10 +200,16 @@ def build_step_context(
 
 
 def build_scorer(
-    t: TrainSection, spec: ModelSpec, run: StepContext, shards: dict[str, list[Any]], rank: int
+    t: TrainSection,
+    spec: ModelSpec,
+    run: StepContext,
+    shards: dict[str, list[Any]],
+    rank: int,
+    warm: Any = None,
 ) -> Score:
     """``score(split)``: this rank's rows of ``split`` scored on the bare module, all-reduced;
-    in float32, the encoder under ``train.amp`` only when ``train.eval_amp`` asks."""
+    in float32, the encoder under ``train.amp`` only when ``train.eval_amp`` asks. ``warm``:
+    the temporal protocol's items seen before the cut (``read_warm_items``), or None."""
     encoder_amp = t.amp if t.eval_amp else "off"
 
     def score(split: str) -> dict[str, float]:
@@ -211,7 +217,7 @@ def build_scorer(
             batch_size=t.eval_batch_size, batch_format="pyarrow"
         )
         return evaluate(run.module, spec, rows, t.topk, run.device, encoder_amp,
-                        item_chunk=t.eval_item_chunk)  # fmt: skip
+                        item_chunk=t.eval_item_chunk, warm=warm)  # fmt: skip
 
     return score
 
@@ -293,7 +299,8 @@ def train_func(config: dict[str, Any]) -> None:
     spec = get_spec(cfg.model.name)
     state, steps = build_step_context(cfg, spec, info, config["planner"], rank, device)
     # [4] the evaluation rows, scored on the bare module
-    score = build_scorer(t, spec, steps, config["eval"], rank)
+    warm = read_warm_items(info, cfg.storage)  # temporal: the candidates; loo: None
+    score = build_scorer(t, spec, steps, config["eval"], rank, warm)
     if rank == 0 and state.progress.epoch == 0:
         print_start(cfg, state.module, world, steps.feed.steps, steps.gather is not None,
                     device, threads, run_dir)  # fmt: skip

@@ -15,8 +15,9 @@ from fearec_dist.data.examples import ExamplesInfo
 
 
 def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
-    """``{"hr@10": …}`` -> ``{"<prefix>/hr@10": …}``, without the user count."""
-    return {f"{prefix}/{k}": v for k, v in metrics.items() if k != "n_users"}
+    """``{"hr@10": …}`` -> ``{"<prefix>/hr@10": …}``, without the user and cold counts (the
+    protocol's counts are in ``results.json["protocol"]``)."""
+    return {f"{prefix}/{k}": v for k, v in metrics.items() if k not in ("n_users", "n_cold")}
 
 
 @dataclass
@@ -88,5 +89,6 @@ def results_dict(progress: Progress, cfg_dict: dict[str, Any], info: ExamplesInf
         "data": info.data
         | {"examples": info.uri}
         | {k: getattr(info, k) for k in ("fingerprint", "n_train", "n_valid", "n_test")},
+        "protocol": info.protocol_record(),
         "config": cfg_dict,
     }
