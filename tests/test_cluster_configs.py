@@ -18,7 +18,12 @@ from fearec_dist.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 YAMLS = sorted(p for d in ("cluster", "jobs") for p in (REPO / d).rglob("*.yaml"))
 CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
-KINDS = {"RayCluster": "ray.io/v1", "RayJob": "ray.io/v1", "ServiceAccount": "v1"}
+KINDS = {
+    "RayCluster": "ray.io/v1",
+    "RayJob": "ray.io/v1",
+    "RayService": "ray.io/v1",
+    "ServiceAccount": "v1",
+}
 GPU = "nvidia.com/gpu"
 
 
