@@ -144,3 +144,19 @@ def test_lineage_keys(tmp_path):
     state_data = info.data | {"examples": info.to_dict()}  # what TrainState.to_state writes
     for saved in (state_data, info.to_dict()):
         assert ExamplesInfo.from_dict(saved.get("examples", saved)) == info
+
+
+def test_data_version_picks_what_a_run_reads(tmp_path):
+    from fearec_dist.config import ConfigError, load_config
+    from fearec_dist.data.datasets import ensure_prepared
+
+    root = tmp_path / "ds"
+    first = _fake_version(root, 1, ["a"])
+    second = _fake_version(root, 2, ["a", "b"])
+    cfg = load_config(None, [f"data.path={root}"])
+    assert ensure_prepared(cfg) == second  # the newest by default
+    assert ensure_prepared(load_config(None, [f"data.path={root}", "data.version=1"])) == first
+    with pytest.raises(DataError, match="version 5 does not exist"):
+        ensure_prepared(load_config(None, [f"data.path={root}", "data.version=5"]))
+    with pytest.raises(ConfigError, match="data.version"):
+        load_config(None, ["data.version=-1"])
