@@ -37,6 +37,7 @@ from fearec_dist.data.examples import ExamplesInfo
 from fearec_dist.launch import init_ray, max_concurrent_runs
 from fearec_dist.models import validate_model_section
 from fearec_dist.storage import ray_storage, storage_root, write_bytes
+from fearec_dist.tracking import SweepTracking
 from fearec_dist.train.trainer import build_trainer
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -159,7 +160,10 @@ def run_sweep(cfg: ExperimentConfig, space_path: str | Path, mode: str = "local"
         # the storage layer's filesystem: the endpoint may be given only in the config
         storage_path, fs = ray_storage(root, cfg.storage)
         experiment = f"{storage_path}/{name}"
-        if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        restoring = tune.Tuner.can_restore(experiment, storage_filesystem=fs)
+        # the sweep's MLflow parent run (run.tracking_uri): sets run.tracking_parent for trials
+        tracking = SweepTracking(cfg, name, path, space, resume=restoring)
+        if restoring:
             print(f"[fearec-dist] resuming sweep {path}")
             tuner = tune.Tuner.restore(
                 experiment, trainable, resume_errored=True, storage_filesystem=fs
@@ -193,8 +197,14 @@ def run_sweep(cfg: ExperimentConfig, space_path: str | Path, mode: str = "local"
                     name=name, storage_path=storage_path, storage_filesystem=fs
                 ),
             )
-        grid = tuner.fit()
-        return write_sweep_outputs(grid, cfg, path)
+        try:
+            grid = tuner.fit()
+        except BaseException as err:
+            tracking.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
+        summary = write_sweep_outputs(grid, cfg, path)
+        tracking.finish(summary)  # KILLED for the trials ASHA stopped; the best trial tagged
+        return summary
     finally:
         if started:
             ray.shutdown()
@@ -255,12 +265,13 @@ def write_sweep_outputs(grid: Any, cfg: ExperimentConfig, path: str) -> dict[str
         }
         best_cfg = ExperimentConfig.from_dict(_apply(cfg.to_dict(), best_params))
         best_cfg.run.storage_path, best_cfg.run.name = "./runs", ""
+        best_cfg.run.tracking_parent = ""
         files["best_config.yaml"] = yaml.safe_dump(best_cfg.to_dict(), sort_keys=False).encode()
     files["curves.png"] = _plot(curves, metric)
     for file_name, data in files.items():  # through the storage layer: s3:// lands in the bucket
         write_bytes(f"{out_dir}/{file_name}", data, cfg.storage)
     print(f"[fearec-dist] sweep results in {out_dir}: {', '.join(files)}")
-    return {"best": best, "n_trials": len(rows), "path": out_dir}
+    return {"best": best, "n_trials": len(rows), "path": out_dir, "trials": rows}
 
 
 def _fmt(v: Any) -> str:

@@ -64,7 +64,9 @@ def test_shipped_fearec_space_is_valid():
 
 
 @pytest.mark.slow
-def test_asha_sweep_stops_weak_trials_and_best_config_trains(ray_session, tmp_path):
+def test_asha_sweep_stops_weak_trials_and_best_config_trains(ray_session, tmp_path, monkeypatch):
+    """Tracked to a local MLflow store too (docs/tracking.md): a parent run, one child run per
+    trial with every epoch's metric, ASHA-stopped trials KILLED, the best trial tagged."""
     from fearec_dist.train.trainer import run_training
     from fearec_dist.tune import run_sweep
 
@@ -73,7 +75,12 @@ def test_asha_sweep_stops_weak_trials_and_best_config_trains(ray_session, tmp_pa
     # that happen to arrive weakest first, no trial falls below the cutoff: seen once in CI)
     lrs = [2e-2, 1e-2, 1e-4, 2e-4, 5e-3, 5e-4]
     space = _space(tmp_path, {"train.lr": {"grid": lrs}})
-    cfg = load_config(None, [*TINY, "tune.num_samples=1", f"tune.storage_path={tmp_path}/sweeps"])
+    store = (tmp_path / "mlruns").as_uri()
+    cfg = load_config(
+        None,
+        [*TINY, "tune.num_samples=1", f"tune.storage_path={tmp_path}/sweeps",
+         f"run.tracking_uri={store}"],
+    )  # fmt: skip
     summary = run_sweep(cfg, space, mode="local")
     assert summary["n_trials"] == 6
     out = tmp_path / "sweeps" / "tiny"
@@ -84,11 +91,13 @@ def test_asha_sweep_stops_weak_trials_and_best_config_trains(ray_session, tmp_pa
     assert max(epochs) == 3 and min(epochs) < 3  # ASHA stopped some trials early
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "trials.md").read_text().count("\n") >= 7
+    check_sweep_runs(store, rows, cfg.tune.metric.replace("@", "_at_"), monkeypatch)
 
     best = load_config(out / "best_config.yaml", ["train.epochs=1", f"run.storage_path={tmp_path}"])
     assert best.train.lr == pytest.approx(float(rows[0]["train.lr"]))
     results = run_training(best, mode="local")
     assert results["epochs_run"] == 1
+    check_export_logged(store, results, tmp_path)
 
 
 @pytest.mark.slow
@@ -141,3 +150,57 @@ def test_sweep_on_s3_with_the_endpoint_only_in_the_config(
     assert all(float(r["best"]) > 0 for r in rows)
     png = client.get_object(Bucket=bucket, Key="sweeps/s3/curves.png")["Body"].read()
     assert png[:4] == b"\x89PNG"
+
+
+def check_sweep_runs(store: str, rows: list[dict], metric: str, monkeypatch) -> None:
+    """The sweep's MLflow runs, read back from the store, against trials.csv's rows (``metric``:
+    tune.metric as MLflow names it)."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = mlflow.MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("fearec-dist").experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name == "tiny"]
+    children = {r.info.run_name: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}  # fmt: skip
+    assert len(children) == len(rows) == 6
+    status = {"done": "FINISHED", "stopped": "KILLED"}
+    for row in rows:
+        child = children[f"tiny-{row['trial']}"]
+        assert child.info.status == status[row["status"]], row
+        assert child.data.params["train.lr"] == row["train.lr"]
+        # every epoch Tune saw; a trial ASHA stops may have logged one more before it died
+        history = sorted(client.get_metric_history(child.info.run_id, metric), key=lambda m: m.step)
+        seen = history[: int(row["epochs"])]
+        assert [m.step for m in history] == list(range(1, len(history) + 1)), row
+        assert len(seen) == int(row["epochs"]) and len(history) <= 3, row
+        assert max(m.value for m in seen) == pytest.approx(float(row["best"]))
+        assert (child.data.tags.get("best_trial") == "true") == (row is rows[0])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["best_trial"] == rows[0]["trial"]
+    assert parent.data.tags["best_run_id"] == children[f"tiny-{rows[0]['trial']}"].info.run_id
+    assert parent.data.metrics[f"best/{metric}"] == pytest.approx(float(rows[0]["best"]))
+    assert (
+        parent.data.params["space.train.lr"]
+        == '{"grid": [0.02, 0.01, 0.0001, 0.0002, 0.005, 0.0005]}'
+    )
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "best_config.yaml", "curves.png"} <= names
+
+
+def check_export_logged(store: str, results: dict, tmp_path: Path) -> None:
+    """best_config.yaml keeps run.tracking_uri: the retrained run is tracked (on its own, no
+    parent), and ``export`` puts its manifest on that run."""
+    import json
+
+    import mlflow
+
+    from fearec_dist.serve.export import export_run
+
+    client = mlflow.MlflowClient(tracking_uri=store)
+    run = client.get_run(results["tracking"]["run_id"])
+    assert run.info.status == "FINISHED" and "mlflow.parentRunId" not in run.data.tags
+    manifest = export_run(run.data.tags["run_dir"], say=lambda *_: None)
+    run = client.get_run(run.info.run_id)
+    assert run.data.tags["export.id"] == manifest["export_id"]
+    logged = client.download_artifacts(run.info.run_id, "export/manifest.json", str(tmp_path))
+    assert json.loads(Path(logged).read_text())["export_id"] == manifest["export_id"]

@@ -43,6 +43,7 @@ from fearec_dist.serve.artifact import (
     items_table,
     vocab_checksum,
 )
+from fearec_dist.tracking import log_export
 from fearec_dist.train.build import rebuild_model
 
 VERIFY_ROWS = 256  # test histories the exported encoder is checked on, against the model
@@ -160,7 +161,7 @@ def export_run(
         f"L={data.max_seq_len}) from {redact(checkpoint)} -> {redact(out)}"
     )
     progress = state["progress"]
-    return write_export(
+    manifest = write_export(
         out,
         model,
         spec,
@@ -187,6 +188,10 @@ def export_run(
         storage=storage,
         say=say,
     )
+    # the manifest on the MLflow run the weights came from (a tracked run's results.json)
+    run_dir = default_output(run_uri, checkpoint).removesuffix("/export")
+    log_export(run_dir, manifest, storage, say)
+    return manifest
 
 
 def write_export(

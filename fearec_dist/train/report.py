@@ -86,9 +86,9 @@ class Reporter:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
-        if self.tracking is not None and self.last is not None:
-            history, results = self.last
-            self.tracking.end("FINISHED", {"stopped_early": str(results["stopped_early"]).lower()})
-            if results["tracking"] != self.tracking.info():  # the MLflow run opened late
+        if self.tracking is not None:
+            history, results = self.last or ([], {})
+            self.tracking.end("FINISHED", {"stopped_early": results.get("stopped_early", False)})
+            if results and results["tracking"] != self.tracking.info():  # it opened late
                 results["tracking"] = self.tracking.info()
                 write_run_outputs(self.run_dir, history, results, self.storage)

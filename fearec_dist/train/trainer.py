@@ -32,6 +32,7 @@ from fearec_dist.storage import (
     read_json,
     storage_root,
 )
+from fearec_dist.tracking import check_tracking, end_run
 from fearec_dist.train.loop import train_func
 
 MODES = ("debug", "local", "cluster")
@@ -110,6 +111,7 @@ def run_training(cfg: ExperimentConfig, mode: str = "local") -> dict[str, Any]:
     """Trains ``cfg`` (already validated) in ``mode``; returns the run's ``results.json``."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    check_tracking(cfg.run.tracking_uri)  # MLflow's client installed when tracking
 
     started = init_ray(mode, cfg)
     try:
@@ -122,8 +124,13 @@ def run_training(cfg: ExperimentConfig, mode: str = "local") -> dict[str, Any]:
         try:
             result = trainer.fit()
         except Exception as err:  # Train V2 raises the workers' error from fit()
+            end_run(cfg, run_dir, "FAILED")  # the MLflow run, when tracked
             raise training_error(err, cfg, run_dir) from err
+        except KeyboardInterrupt:
+            end_run(cfg, run_dir, "KILLED")
+            raise
         if getattr(result, "error", None):
+            end_run(cfg, run_dir, "FAILED")
             raise training_error(result.error, cfg, run_dir)
         results = read_json(f"{run_dir}/results.json", cfg.storage)
         print(f"[fearec-dist] finished in {time.time() - t0:.0f} s; outputs in {run_dir}")
