@@ -5,9 +5,9 @@ client's error text (which request failed, with what, after how many attempts).
 One policy, one layer: the S3 client retries each request (``max_attempts`` attempts, back-off
 between them). The layers above it that would re-run a failed call retry only what the client
 does not (Ray Data's I/O retries keep ``INTERNAL_FAILURE``; ``call`` below); s3fs's own loop is
-off. So ``max_attempts`` bounds the attempts of a request, and Ray Train's ``run.max_failures``
-restarts are the one multiplier left: ``max_attempts * (1 + run.max_failures)`` in a run.
-docs/data.md ("Retries and timeouts") has the per-client table and the bound in time.
+off. So ``max_attempts`` bounds the attempts of a request, times ``1 + run.max_failures`` in a
+training run (Ray Train's restarts). docs/data.md ("Object storage: one retry policy") has the
+per-client table and the bounds in attempts and time.
 
 Clients:
 - pyarrow's ``S3FileSystem`` (every read and write of this package, Ray Data's reads and writes
@@ -191,14 +191,17 @@ def _redacted(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
 
 
-def names_s3_failures(storage_of: Callable[..., StorageSection | None]) -> Callable[[F], F]:
-    """Decorator for a job's entry point: an error escaping it that holds an S3 request failure
-    (raised by any client, at any depth, Ray's wrapping included) becomes ``s3_failure``'s
-    one-line ``DataError``. ``storage_of(*args, **kwargs)`` gives the job's storage options."""
+def s3_job(storage_of: Callable[..., StorageSection | None]) -> Callable[[F], F]:
+    """Decorator for a job's entry point (``prepare``) under the storage retry policy: the
+    calling thread's Ray Data retries are limited (``ray_data_retries_for_s3``), and an error
+    escaping the job that holds an S3 request failure (raised by any client, at any depth,
+    Ray's wrapping included) becomes ``s3_failure``'s one-line ``DataError``.
+    ``storage_of(*args, **kwargs)`` gives the job's storage options."""
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def job(*args: Any, **kwargs: Any) -> Any:
+            ray_data_retries_for_s3()
             try:
                 return fn(*args, **kwargs)
             except Exception as err:
