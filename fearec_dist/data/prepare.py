@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fearec_dist import s3_policy
 from fearec_dist.config import DataSection, StorageSection
 from fearec_dist.data import attributes as attrs_mod
 from fearec_dist.data import inputs as inputs_mod
@@ -109,6 +110,7 @@ class NothingNew(Exception):
     """``--append`` found no unconsumed input: no new version (the CLI exits 0)."""
 
 
+@s3_policy.s3_job(lambda *args, data=None, **kwargs: data and data.storage)
 def prepare_dataset(
     input_uri: str,
     fmt: str,
