@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from fearec_dist import s3_policy
 from fearec_dist.config import StorageSection
 from fearec_dist.data.sequences import list_csr
 from fearec_dist.data.versions import list_versions, resolve_version
@@ -160,6 +161,7 @@ def _rows(export: Any, user_ids: pa.Array, recs: Any, n_unknown: np.ndarray) -> 
     )
 
 
+@s3_policy.s3_job(lambda *args, storage=None, **kwargs: storage)
 def run_batch(
     export_uri: str,
     input_uri: str,
