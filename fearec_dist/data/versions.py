@@ -274,7 +274,8 @@ def gc_versions(
         head = name.split("-", 1)[0]
         number = int(head) if head.isdigit() else -1
         info = file_info(f"{root}/{VERSIONS}/{name}", storage)
-        age = time.time() - info.mtime.timestamp() if info.mtime else float("inf")
+        # no mtime for an S3 prefix: then only a superseded number marks a directory as dead
+        age = time.time() - info.mtime.timestamp() if info.mtime else 0.0
         if number <= newest or age >= orphan_age_s:
             delete_dir(f"{root}/{VERSIONS}/{name}", storage)
             orphans.append(name)
