@@ -62,7 +62,7 @@ def format_info(info: dict[str, Any]) -> str:
     for v in info["versions"]:
         mark = "*" if v["version"] == info["version"] else " "
         lines.append(
-            f" {mark} {v['version']:>4}  {v['kind'] or '':<8} parent {v['parent']}  "
+            f" {mark} {v['version']:>4}  {v['kind'] or '':<8} parent {str(v['parent']):<5} "
             f"{v['created_at'] or '(before versions)'}"
         )
     span = meta.get("time_range") or {}

@@ -358,8 +358,10 @@ def _unwrap(err: BaseException) -> BaseException:
 
 def format_summary(meta: dict[str, Any]) -> str:
     """The one-screen summary printed at the end of ``prepare``."""
+    kind = meta.get("kind", "prepare")
     lines = [
-        "prepared dataset",
+        f"prepared dataset, version {meta.get('version', 0)} ({kind}"
+        + (f" on version {meta['parent']})" if meta.get("parent") is not None else ")"),
         f"  users         {meta['n_users']:>12,}",
         f"  items         {meta['n_items']:>12,}",
         f"  interactions  {meta['n_interactions']:>12,}  (read {meta['n_read']:,})",
@@ -381,6 +383,12 @@ def format_summary(meta: dict[str, Any]) -> str:
         lines.append(
             f"  attributes    {meta['n_attributes']:>12,}  "
             f"({meta['items_with_attributes']:,} items)"
+        )
+    if kind == "append" and meta.get("this_version"):
+        added = meta["this_version"]
+        lines.append(
+            f"  this version  {added['interactions']:>12,}  interactions from {added['files']} "
+            f"file(s); {added['new_users']:,} new users, {added['new_items']:,} new items"
         )
     lines.append(f"  source        {meta['sources']['input']} ({meta['sources']['format']})")
     lines.append(f"  took {meta.get('seconds', 0):.1f} s")
