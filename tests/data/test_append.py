@@ -215,3 +215,26 @@ def test_attributes_are_appended_for_new_items(ray_session, tmp_path):
     prepare_dataset(str(log), "csv", ds, progress=False, append=True)
     v3 = resolve_version(ds).uri
     assert pq.read_table(f"{v3}/attributes.parquet").to_pydict() == table
+
+
+def test_append_over_many_buckets_equals_the_union(ray_session, synthetic_log, tmp_path,
+                                                   monkeypatch):  # fmt: skip
+    """The same equality when users are numbered over many buckets and merged over many hash
+    partitions (the session's synthetic log: 150 users spread over 3 files)."""
+    from fearec_dist.data import prepare as prepare_mod
+
+    monkeypatch.setattr(prepare_mod, "ROWS_PER_PARTITION", 500)  # ~10 partitions, 40 buckets
+    log, union = tmp_path / "log", tmp_path / "union"
+    for i in range(synthetic_log.n_files):
+        for root in (log, union) if i < 2 else (union,):
+            (root / f"dt={i}").mkdir(parents=True)
+            src = synthetic_log.path / f"part-{i}.parquet"
+            (root / f"dt={i}" / "part.parquet").write_bytes(src.read_bytes())
+    prepare_dataset(str(log), "parquet", str(tmp_path / "ds"), progress=False)
+    (log / "dt=2").symlink_to(union / "dt=2", target_is_directory=True)
+    meta = prepare_dataset(str(log), "parquet", str(tmp_path / "ds"), progress=False, append=True)
+    full = prepare_dataset(str(union), "parquet", str(tmp_path / "full"), progress=False)
+    assert _dump(str(tmp_path / "ds"), tmp_path) == _dump(str(tmp_path / "full"), tmp_path)
+    assert (meta["n_users"], meta["n_interactions"]) == (full["n_users"], full["n_interactions"])
+    _, _, users = read_sequences(str(tmp_path / "ds"))
+    assert sorted(users.tolist()) == list(range(1, meta["n_users"] + 1))  # dense, no gaps
