@@ -17,7 +17,7 @@ storage layer as every other input, local or ``s3://`` alike:
 
 A full prepare reads the snapshot: the files live at the current version, ordered by the commit
 that added them, then path (replaying the JSON log; when it has been cleaned up, the snapshot's
-add actions ordered by modification time).
+add actions ordered by path).
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def snapshot_files(uri: str, storage: StorageSection | None) -> tuple[int, list[
                 )
                 for a in acts
             ),
-            key=lambda f: (f.mtime_ns, f.rel),
+            key=lambda f: f.rel,
         )
     if not files:
         raise DataError(f"{redact(uri)}: the Delta table has no data files")
