@@ -5,12 +5,13 @@ per-rank RNG states (``rng_state``/``set_rng_state``/``gather_rng_states``), and
 (``save_state``, ``load_state``, ``load_state_uri``, ``latest_checkpoint``).
 
 Contents (nanoGPT's checkpoint dict is the model): ``model`` (the unwrapped module's state dict),
-``optimizer``, ``scaler`` (``train.amp: fp16``'s loss scale, else None), ``progress`` (epoch, best metric and epoch, patience counter, per-epoch history
-rows), ``best_model`` (weights of the best validation epoch, for the test metrics), ``rng`` (a
-list, one entry per rank: torch CPU, CUDA when present, numpy and Python ``random`` states, each
-exact), ``config`` (the experiment dict) and ``data`` (``{"uri", "version"}`` of the dataset
-version trained on, and ``examples``: the examples info, URI and fingerprint). Saved with ``torch.save`` and read back with ``weights_only=True``: nothing
-pickled is ever executed.
+``optimizer``, ``scaler`` (``train.amp: fp16``'s loss scale, else None), ``progress`` (epoch,
+best metric and epoch, patience counter, per-epoch history rows), ``best_model`` (weights of the
+best validation epoch, for the test metrics), ``rng`` (a list, one entry per rank: torch CPU,
+CUDA when present, numpy and Python ``random`` states, each exact), ``config`` (the experiment
+dict) and ``data`` (``{"uri", "version"}`` of the dataset version trained on, and ``examples``:
+the examples info, URI and fingerprint). Saved with ``torch.save`` and read back with
+``weights_only=True``: nothing pickled is ever executed.
 
 Per-rank RNG: every rank seeds its own generators (``seed + rank``), so each rank's states are
 gathered to rank 0 (``gather_object`` over the process group) and rank r restores entry r. A
