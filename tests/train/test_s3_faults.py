@@ -200,6 +200,21 @@ def test_a_503_larger_than_a_small_object_is_retried(proxy, s3_server):
     assert proxy.injected()["slowdown"] - before == 1
 
 
+def test_a_run_failing_on_a_throttling_endpoint_says_so():
+    """What ``train`` prints when a request ran out of attempts inside the workers."""
+    from fearec_dist.storage import connection_lost_error, is_connection_lost
+
+    cause = (
+        "OSError: When uploading part for key 'runs/x/state.pt' in bucket 'b': AWS Error "
+        "SLOW_DOWN during UploadPart operation: Please reduce your request rate."
+    )
+    assert is_connection_lost(cause, ("s3://b/runs",)) and not is_connection_lost(cause, ("r",))
+    storage = StorageSection(endpoint_url="http://minio:9000", max_attempts=7)
+    text = str(connection_lost_error(storage, "and 1 restart(s) (run.max_failures)", cause))
+    assert text.startswith("the S3 endpoint http://minio:9000 kept refusing UploadPart"), text
+    assert "gave up after 7 attempts per request" in text and "1 restart(s)" in text, text
+
+
 def test_the_retry_mode_is_checked_naming_the_key():
     with pytest.raises(ConfigError, match=r"storage\.retry_mode: 'legacy' is not one of"):
         load_config(None, ["storage.retry_mode=legacy"])
