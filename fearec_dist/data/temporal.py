@@ -258,7 +258,11 @@ def resolve_protocol(
             "prepared from seqtxt input, whose times are positions in each line; use "
             "data.split=loo, or prepare a log with times (parquet, csv, atomic)"
         )
-    lo, hi = time_span(root, storage)
+    recorded = meta.get("time_range") or {}  # prepare records it; older datasets: a scan
+    if recorded.get("min") is not None and recorded.get("max") is not None:
+        lo, hi = int(recorded["min"]), int(recorded["max"])  # as the int64 timestamps truncate
+    else:
+        lo, hi = time_span(root, storage)
     if data.test_start is not None:
         test_start = cut_time(data.test_start, "data.test_start")
     else:

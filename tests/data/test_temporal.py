@@ -125,6 +125,11 @@ def test_cuts_as_days_iso_and_epoch_resolve_alike(tmp_path) -> None:
     zoned = DataSection(split="temporal", valid_start="2020-01-11T02:00:00+02:00", test_days=10)
     for data in (days, iso, zoned):
         assert resolve_protocol(data, uri) == CUTS
+    # the span prepare records in meta.json (no scan of the timestamps): the same cuts
+    meta = json.loads((tmp_path / "prep" / "meta.json").read_text())
+    meta["time_range"] = {"min": T0 + DAY, "max": T0 + 30 * DAY + 0.5}
+    (tmp_path / "prep" / "meta.json").write_text(json.dumps(meta))
+    assert resolve_protocol(days, uri) == CUTS
     assert resolve_protocol(DataSection(), uri) == LOO
     # YAML reads an unquoted date as a date: taken as midnight UTC, kept as ISO text
     cfg = load_config(None, ["data.split=temporal", "data.valid_start=2020-01-11",
