@@ -85,6 +85,7 @@ def test_manifest_and_items(make_export):
     assert manifest["encoder"]["format"] == "torch.export"
     assert manifest["encoder"]["max_abs_diff_vs_model"] < 1e-5
     assert "dot product" in manifest["scoring"] and manifest["index"] is None
+    assert manifest["protocol"]["split"] == "loo"  # the run's protocol (docs/evaluation.md)
     items = pq.read_table(out / "items.parquet")
     assert items.schema.field("embedding").type == pa.list_(pa.float32(), 16)
     assert items.column("id").to_pylist() == list(range(1, N_ITEMS + 1))
