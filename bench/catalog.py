@@ -131,13 +131,19 @@ def summarize(runs: list[dict]) -> dict:
     return row
 
 
+VARIANTS = {"full": ("full", False), "sampled": ("sampled", False),
+            "sampled-sparse": ("sampled", True)}  # fmt: skip
+
+
 def configs(args: argparse.Namespace) -> list[tuple[str, str, str, bool]]:
     out = []
     for model in args.models:
         for size in args.sizes:
-            if float(size) <= args.full_max_items:
-                out.append((model, size, "full", False))
-            out += [(model, size, "sampled", False), (model, size, "sampled", True)]
+            for name in args.variants:
+                softmax, sparse = VARIANTS[name]
+                if softmax == "full" and float(size) > args.full_max_items:
+                    continue
+                out.append((model, size, softmax, sparse))
     return out
 
 
@@ -151,6 +157,8 @@ def main() -> None:
     p.add_argument("--eval-chunk", type=int, default=65536, help="train.eval_item_chunk")
     p.add_argument("--full-max-items", type=float, default=1e6,
                    help="the largest catalogue the full softmax is run at")  # fmt: skip
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS),
+                   help="softmax variants (sampled-sparse: + sparse item updates)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=1,
                    help="processes per row: samples/s is their median, with the range")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS, help="the JSON written")
