@@ -33,8 +33,8 @@ run: parts that would not fit are skipped with a ``run`` row saying so.
 Data: ``--data`` is a prepared dataset (a directory with ``meta.json``, ``fearec-dist prepare``)
 or a raw ``user item item …`` text file (Beauty.txt), which is read with pyarrow/numpy under
 ``prepare``'s rules (``formats.read_seqtxt_file``, ids sorted and numbered from 1,
-``stages.BuildSequences``; no filters: Beauty.txt is already 5-core). ``--tiny`` without
-``--data`` uses small random sequences.
+``stages.sorted_vocab``, items ordered by time then file order; no filters: Beauty.txt is
+already 5-core). ``--tiny`` without ``--data`` uses small random sequences.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ from fearec_dist.data.examples import examples_table  # noqa: E402
 from fearec_dist.data.feed import FeedStats, eval_batch_from_arrow  # noqa: E402
 from fearec_dist.data.formats import read_seqtxt_file  # noqa: E402
 from fearec_dist.data.pairing import MemoryFeed  # noqa: E402
-from fearec_dist.data.sequences import build_loo_examples, read_sequences, sequences_csr  # noqa: E402
-from fearec_dist.data.stages import BuildSequences, sorted_vocab  # noqa: E402
+from fearec_dist.data.sequences import build_loo_examples, read_sequences  # noqa: E402
+from fearec_dist.data.stages import sorted_vocab  # noqa: E402
 from fearec_dist.models import build_model, get_spec  # noqa: E402
 from fearec_dist.train.build import build_optimizer  # noqa: E402
 from fearec_dist.train.checkpoint import seed_rank  # noqa: E402
@@ -179,9 +179,13 @@ def seqtxt_sequences(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, in
     rows = read_seqtxt_file(path.read_bytes(), str(path), 0)
     user_raw = sorted_vocab(pc.unique(rows["user"]).to_pylist())
     item_raw = sorted_vocab(pc.unique(rows["item"]).to_pylist())
-    table = BuildSequences(pa.array(user_raw, pa.string()), pa.array(item_raw, pa.string()))(rows)
-    offsets, items, users = sequences_csr(table.sort_by("user"))
-    return offsets, items, users, len(item_raw)
+    # ids: 1 + the position in the sorted vocabulary; each user's items by (time, file order)
+    user = pc.index_in(rows["user"], pa.array(user_raw, pa.string())).to_numpy() + 1
+    item = pc.index_in(rows["item"], pa.array(item_raw, pa.string())).to_numpy() + 1
+    order = np.lexsort((rows["order"].to_numpy(), rows["time"].to_numpy(), user))
+    users, counts = np.unique(user[order], return_counts=True)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return offsets, item[order].astype(np.int32), users.astype(np.int32), len(item_raw)
 
 
 def random_sequences(n_users: int, n_items: int, seed: int) -> tuple[Any, ...]:
