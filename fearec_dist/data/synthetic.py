@@ -109,3 +109,108 @@ def write_synthetic(uri: str, n_files: int = 4, storage=None, n_users: int = 200
         part = table.slice(i * per, per)
         pq.write_table(part, f"{root}/part-{i:03d}.parquet", filesystem=fs)
     return table.num_rows
+
+
+DAY = 86_400
+
+
+def generate_daily_log(
+    n_users: int = 2000,
+    n_items: int = 500,
+    days: int = 30,
+    *,
+    start: int = 1_793_491_200,  # 2026-11-01T00:00:00Z
+    active: float = 0.3,
+    steps: tuple[int, int] = (2, 8),
+    noise: float = 0.15,
+    rewire: float = 0.03,
+    new_items: float = 0.2,
+    seed: int = 0,
+) -> list[pa.Table]:
+    """A log of ``days`` days whose structure drifts, one table per day (the daily jobs' input).
+
+    The structure of ``generate_log`` (cyclic item chains, Zipf jumps) with a time axis:
+
+    - **chains drift**: every day a fraction ``rewire`` of the items have their successors
+      permuted among themselves (the successor map stays a permutation);
+    - **popularity drifts**: the Zipf ranking is re-drawn a little every day (one random swap
+      per 20 items) and items born in the last 3 days are moved to its head (new releases);
+    - **the catalogue grows**: a fraction ``new_items`` of the items is born on a uniform day
+      after the first; before it an item is never drawn (a successor not born yet is replaced
+      by a popularity draw among the born ones);
+    - **users come back**: each day every user is active with probability ``active`` and walks
+      ``steps`` items (uniform, inclusive) from where their last day ended, at sorted times
+      inside the day. A user's first day starts with a popularity draw.
+
+    Rows of each day come out shuffled, as a real event log's would; ``timestamp`` is int64
+    seconds from ``start`` (a UTC midnight). Deterministic in ``seed``.
+    """
+    rng = np.random.default_rng([seed, 20261206])
+    succ = chain_successors(n_items, seed)
+    born = np.zeros(n_items + 1, dtype=np.int64)
+    late = rng.random(n_items + 1) < new_items
+    born[late] = rng.integers(1, max(days, 2), int(late.sum()))
+    born[0] = days + 1  # padding: never drawn
+    zipf = 1.0 / np.arange(1, n_items + 1) ** 0.8
+    order = rng.permutation(np.arange(1, n_items + 1))  # popularity ranking, most popular first
+    current = np.zeros(n_users, dtype=np.int64)  # each user's last item (0: never active)
+    tables = []
+    for day in range(days):
+        if day:  # drift: successors permuted among a few items, the ranking shuffled a little
+            moved = rng.choice(np.arange(1, n_items + 1), max(2, int(rewire * n_items)), False)
+            succ[moved] = succ[rng.permutation(moved)]
+            for _ in range(max(1, n_items // 20)):
+                a, b = rng.integers(0, n_items, 2)
+                order[[a, b]] = order[[b, a]]
+        alive = born <= day
+        fresh = order[(born[order] > day - 3) & alive[order] & (born[order] > 0)]
+        ranking = np.concatenate([fresh, order[~np.isin(order, fresh) & alive[order]]])
+        weights = zipf[: len(ranking)] / zipf[: len(ranking)].sum()
+        users = np.flatnonzero(rng.random(n_users) < active)
+        lengths = rng.integers(steps[0], steps[1] + 1, len(users))
+        rows_user, rows_item = [], []
+        for k in range(int(lengths.max(initial=0))):
+            walking = users[lengths > k]
+            draws = ranking[rng.choice(len(ranking), len(walking), p=weights)]
+            nxt = succ[current[walking]]
+            jump = (current[walking] == 0) | (rng.random(len(walking)) < noise) | ~alive[nxt]
+            current[walking] = np.where(jump, draws, nxt)
+            rows_user.append(walking)
+            rows_item.append(current[walking])
+        user = np.concatenate(rows_user) if rows_user else np.zeros(0, np.int64)
+        item = np.concatenate(rows_item) if rows_item else np.zeros(0, np.int64)
+        # times: each user's steps at increasing offsets inside the day (rows are in step order)
+        by_user = np.argsort(user, kind="stable")
+        values = rng.integers(0, DAY, len(user))
+        ts = np.empty(len(user), dtype=np.int64)
+        ts[by_user] = start + day * DAY + values[np.lexsort((values, user[by_user]))]
+        perm = rng.permutation(len(user))
+        tables.append(
+            pa.table(
+                {
+                    "user_id": pa.array([f"u{u}" for u in user[perm]]),
+                    "item_id": pa.array([f"i{i}" for i in item[perm]]),
+                    "timestamp": pa.array(ts[perm]),
+                }
+            )
+        )
+    return tables
+
+
+def write_daily_log(
+    uri: str, tables: list[pa.Table], start: int = 1_793_491_200, storage=None
+) -> list[str]:
+    """Writes one Hive partition per day, ``dt=YYYY-MM-DD/part-00000.parquet``; returns the
+    partition names in day order."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    fs, root = resolve(uri, storage)
+    names = []
+    for day, table in enumerate(tables):
+        name = "dt=" + dt.datetime.fromtimestamp(start + day * DAY, dt.UTC).strftime("%Y-%m-%d")
+        fs.create_dir(f"{root}/{name}", recursive=True)
+        pq.write_table(table, f"{root}/{name}/part-00000.parquet", filesystem=fs)
+        names.append(name)
+    return names

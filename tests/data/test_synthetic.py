@@ -49,3 +49,38 @@ def test_bigram_beats_popularity():
     bigram_hr = _hr_at_10(ranked, test["target"])
     # measured: bigram 0.88, popularity 0.27 (Zipf jumps make a few items common)
     assert bigram_hr > 0.8 and bigram_hr > 2.5 * pop_hr, (bigram_hr, pop_hr)
+
+
+def test_daily_log_drifts_grows_and_is_deterministic(tmp_path):
+    import pyarrow.parquet as pq
+
+    from fearec_dist.data.synthetic import DAY, generate_daily_log, write_daily_log
+
+    start = 1_793_491_200
+    days = generate_daily_log(300, 200, 10, start=start, seed=3)
+    again = generate_daily_log(300, 200, 10, start=start, seed=3)
+    assert all(a.equals(b) for a, b in zip(days, again, strict=True))
+    seen: set[int] = set()
+    firsts = {}
+    transitions = []
+    for d, table in enumerate(days):
+        ts = table["timestamp"].to_numpy()
+        assert ts.min() >= start + d * DAY and ts.max() < start + (d + 1) * DAY, d
+        items = {int(i[1:]) for i in table["item_id"].to_pylist()}
+        firsts.update({i: d for i in items - seen})
+        seen |= items
+        offsets, item, _ = _csr(table)
+        pairs = {
+            (item[j], item[j + 1])
+            for s, e in zip(offsets[:-1], offsets[1:])
+            for j in range(s, e - 1)
+        }
+        transitions.append(pairs)
+    assert max(firsts.values()) > 0, "no item is born after the first day"
+    assert len(seen) > 150
+    # chains drift: day 9's transitions share less with day 0's than day 1's do
+    overlap = [len(transitions[0] & t) / len(t) for t in transitions[1:]]
+    assert overlap[-1] < overlap[0], overlap
+    names = write_daily_log(str(tmp_path / "log"), days[:2], start=start)
+    assert names == ["dt=2026-11-01", "dt=2026-11-02"]
+    assert pq.read_table(tmp_path / "log" / names[1] / "part-00000.parquet").equals(days[1])
