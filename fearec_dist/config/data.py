@@ -99,6 +99,11 @@ class DataSection:
     test_days: float | None = option(
         None, "temporal: instead of test_start, the last N days up to the newest timestamp"
     )
+    train_since: str | int | float | date | None = option(
+        None,
+        "only training examples whose target is at or after this time (as valid_start), each "
+        "with its whole history; with loo or temporal; null = all",
+    )
     storage: StorageSection = option(
         help="alias of the top-level `storage:` section (the same object once the config is built)",
         factory=StorageSection,
@@ -115,6 +120,24 @@ class DataSection:
         if self.version is not None and self.version < 0:
             raise ConfigError(f"data.version: must be >= 0 or null, got {self.version}")
         self._check_protocol()
+        self._check_train_since()
+
+    def _check_train_since(self) -> None:
+        """``train_since``: a time as the cuts are given; never with positions for times."""
+        if self.train_since is None:
+            return
+        if isinstance(self.train_since, date):  # a YAML date/datetime: kept as ISO text
+            self.train_since = self.train_since.isoformat()
+        since = cut_time(self.train_since, "data.train_since")
+        if self.format == "seqtxt":
+            raise ConfigError(
+                "data.train_since needs real timestamps; data.format seqtxt has positions only"
+            )
+        if self.valid_start is not None and since >= cut_time(self.valid_start, "data.valid_start"):
+            raise ConfigError(
+                f"data.train_since ({self.train_since}) must come before data.valid_start "
+                f"({self.valid_start}): training targets are those before the validation window"
+            )
 
     def _check_protocol(self) -> None:
         """``split`` and its cut times: one way to give each cut under temporal, none under loo

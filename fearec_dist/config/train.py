@@ -74,6 +74,14 @@ class TrainSection:
     eval_item_chunk: int = option(
         65536, "items scored at a time in evaluation (memory: batch x chunk)"
     )
+    warm_start: str | None = option(
+        None,
+        "start from a run dir (its newest checkpoint), a checkpoint or an export (weights only), "
+        "trained on an older version of this dataset: item rows matched by raw id",
+    )
+    warm_start_optimizer: bool = option(
+        False, "warm_start: carry the optimizer state too (a run or checkpoint only)"
+    )
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "prefetch_blocks"):
@@ -114,6 +122,16 @@ class TrainSection:
             )
         if int(k) not in self.topk:
             self.topk = sorted({*self.topk, int(k)})
+        self.check_warm_start()
+
+    def check_warm_start(self) -> None:
+        if self.warm_start is not None and not str(self.warm_start).strip():
+            raise ConfigError("train.warm_start: empty; name a run, checkpoint or export, or null")
+        if self.warm_start_optimizer and not self.warm_start:
+            raise ConfigError(
+                "train.warm_start_optimizer: true needs train.warm_start (the run or checkpoint "
+                "whose optimizer state to carry)"
+            )
 
     def check_softmax(self) -> None:
         if self.softmax not in ("full", "sampled"):

@@ -135,7 +135,8 @@ class TrainRows:
 
     ``keep``: None (every user), ``("head", fraction, seed)`` (only the head's users) or
     ``("rest", fraction, seed)`` (every user but the head's). ``protocol``: which targets are
-    training targets (temporal: only those before ``valid_start``).
+    training targets (temporal: only those before ``valid_start``; with ``data.train_since``
+    only those at or after it, ``data/since.py``).
     """
 
     def __init__(
@@ -152,7 +153,7 @@ class TrainRows:
             head = in_head(batch.column("user").to_numpy(), fraction, seed)
             batch = batch.filter(pa.array(head if which == "head" else ~head))
         offsets, items, users = sequences_csr(batch)
-        times = sequence_times(batch) if self.protocol.temporal else None
+        times = sequence_times(batch) if self.protocol.needs_times else None
         train = build_split_examples(self.protocol, offsets, items, times, users,
                                      self.max_seq_len, ("train",))["train"]  # fmt: skip
         return pa.table(

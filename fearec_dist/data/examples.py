@@ -5,9 +5,10 @@ Nothing per example is written to disk: a training example (user u, target posit
 ``<prepared>/sequences``. What is built once per (prepared dataset, L) is only their counts, in
 one streaming pass (constant driver memory)::
 
-    <prepared>/examples/L<L>-<fingerprint>[-temporal-<valid_start>-<test_start>]/
+    <prepared>/examples/L<L>-<fingerprint>[-temporal-<valid_start>-<test_start>][-since-<t>]/
         info.json            counts (n_train, n_valid, n_test), n_items, n_users, L, fingerprint,
-                             the protocol (split, cuts; temporal: cold_*, no_history_*)
+                             the protocol (split, cuts; temporal: cold_*, no_history_*;
+                             data.train_since: train_since, train_before_since)
         item_counts.parquet  training examples per target item (index = item id; valid and test
                              targets are not counted), for popularity baselines and samplers;
                              temporal: also ``interactions`` (every interaction before the
@@ -37,6 +38,7 @@ import pyarrow.parquet as pq
 from fearec_dist.config import StorageSection
 from fearec_dist.data.popularity import training_counts
 from fearec_dist.data.sequences import gather_ranges, sequences_csr
+from fearec_dist.data.since import loo_since_counts
 from fearec_dist.data.temporal import (
     LOO,
     SplitProtocol,
@@ -117,7 +119,7 @@ class EvalRows:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         offsets, items, users = sequences_csr(batch)
-        times = sequence_times(batch) if self.protocol.temporal else None
+        times = sequence_times(batch) if self.protocol.needs_times else None
         if self.users is not None:
             keep = np.flatnonzero(np.isin(users, self.users))
             lens = np.diff(offsets)[keep]
@@ -154,6 +156,8 @@ class ExamplesInfo:
     cold_test: int = 0
     no_history_valid: int = 0  # users skipped: their window's first item was their first ever
     no_history_test: int = 0
+    train_since: int | None = None  # data.train_since: training targets at or after it only
+    train_before_since: int = 0  # training examples it removed (their target is before it)
     data_uri: str = ""  # the dataset (its root) and the version read: results' "data" lineage
     data_version: int = 0
 
@@ -173,7 +177,7 @@ class ExamplesInfo:
 
     @property
     def protocol(self) -> SplitProtocol:
-        return SplitProtocol(self.split, self.valid_start, self.test_start)
+        return SplitProtocol(self.split, self.valid_start, self.test_start, self.train_since)
 
     def protocol_record(self) -> dict[str, Any]:
         """``results.json["protocol"]``: the split, its cuts and counts."""
@@ -245,6 +249,9 @@ class _Count:
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         offsets, items, _ = sequences_csr(batch)
+        if not self.protocol.temporal and self.protocol.train_since is not None:
+            times = sequence_times(batch)
+            return loo_since_counts(offsets, items, times, self.n_items, self.protocol.train_since)
         if not self.protocol.temporal:
             samples = np.maximum(np.diff(offsets) - 1, 0)
             n_test = int((samples >= 2).sum())
@@ -324,6 +331,11 @@ def build_examples(
     )
     totals = _sum_counts(ds.iter_batches(batch_size=None, batch_format="numpy"))
     summary = count_summary(totals, protocol)
+    if protocol.train_since is not None and not summary["n_train"]:
+        raise DataError(
+            f"{prepared_uri}: no training example has its target at or after data.train_since "
+            f"({protocol.describe()}); {summary['train_before_since']:,} targets are before it"
+        )
     empty = [k for k in ("n_train", "n_valid", "n_test") if protocol.temporal and not summary[k]]
     if empty:
         raise DataError(
@@ -348,6 +360,7 @@ def build_examples(
         split=protocol.split,
         valid_start=protocol.valid_start,
         test_start=protocol.test_start,
+        train_since=protocol.train_since,
         **summary,
         **_lineage(lineage),
     )

@@ -26,12 +26,14 @@ time-ordered, ties in input order). A dataset prepared from ``seqtxt`` has posit
 times, and is refused. The cuts are given as ``data.valid_start`` / ``data.test_start`` (ISO-8601
 or epoch numbers, ``config/data.cut_time``) or as ``data.valid_days`` / ``data.test_days``,
 counted back from the newest timestamp (days of 86,400 units: the data's unit must be seconds).
+Under either protocol ``data.train_since`` keeps only the training targets at or after a time
+(``data/since.py``); evaluation rows are not affected.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,7 @@ import pyarrow.dataset as pads
 from fearec_dist.config import ConfigError, DataSection, StorageSection, load_config
 from fearec_dist.config.data import PROTOCOL_KEYS, cut_time
 from fearec_dist.data.sequences import Split, build_loo_examples, cut_examples, list_csr
+from fearec_dist.data.since import loo_train_positions, since_filter
 from fearec_dist.data.versions import resolve_version
 from fearec_dist.errors import DataError
 from fearec_dist.storage import read_json, redact, resolve
@@ -51,35 +54,48 @@ DAY = 86_400  # valid_days / test_days are days of 86,400 timestamp units (secon
 @dataclass(frozen=True)
 class SplitProtocol:
     """How examples are cut: ``loo``, or ``temporal`` with its two resolved cut times (in the
-    data's timestamp unit). Small and picklable: it travels into every Ray Data UDF."""
+    data's timestamp unit); under either, ``train_since`` (``data.train_since``) keeps only the
+    training targets at or after it. Small and picklable: it travels into every Ray Data UDF."""
 
     split: str = "loo"
     valid_start: int | None = None
     test_start: int | None = None
+    train_since: int | None = None
 
     @property
     def temporal(self) -> bool:
         return self.split == "temporal"
 
+    @property
+    def needs_times(self) -> bool:
+        """Whether the cut reads the sequences' timestamps."""
+        return self.temporal or self.train_since is not None
+
     def cache_key(self) -> str:
-        """The examples directory's suffix: a LOO count is never reused for temporal."""
-        return f"-temporal-{self.valid_start}-{self.test_start}" if self.temporal else ""
+        """The examples directory's suffix: a LOO count is never reused for temporal, nor a
+        count of every training target for one from ``train_since`` on (or the reverse)."""
+        key = f"-temporal-{self.valid_start}-{self.test_start}" if self.temporal else ""
+        return key + (f"-since-{self.train_since}" if self.train_since is not None else "")
 
     def cuts(self) -> tuple[int | None, int | None]:
         return self.valid_start, self.test_start
 
     def columns(self) -> list[str]:
         """The sequences' columns the cut reads."""
-        return ["user", "items", "timestamps"] if self.temporal else ["user", "items"]
+        return ["user", "items", "timestamps"] if self.needs_times else ["user", "items"]
 
     def describe(self) -> str:
         """One line for the console."""
         if not self.temporal:
-            return "protocol: leave-one-out (each user's last item tests, the one before validates)"
-        return (
-            f"protocol: temporal, training before {_when(self.valid_start)}, validation from "
-            f"there, test from {_when(self.test_start)}"
-        )
+            line = "protocol: leave-one-out (each user's last item tests, the one before validates)"
+        else:
+            line = (
+                f"protocol: temporal, training before {_when(self.valid_start)}, validation "
+                f"from there, test from {_when(self.test_start)}"
+            )
+        if self.train_since is not None:
+            line += f"; training targets only from {_when(self.train_since)} (data.train_since)"
+        return line
 
 
 LOO = SplitProtocol()
@@ -148,6 +164,9 @@ def temporal_counts(
     whole log's ``interactions`` are known: ``count_summary``)."""
     cut = protocol.valid_start
     where, skipped = temporal_positions(offsets, times, cut, protocol.test_start)
+    user_idx, j, before_since = since_filter(protocol.train_since, offsets, times,
+                                             *where["train"])  # fmt: skip
+    where["train"] = (user_idx, j)
     per_item = {"interactions": items[times < cut]}
     for name, (user_idx, j) in where.items():
         key = "counts" if name == "train" else f"{name}_targets"
@@ -155,6 +174,7 @@ def temporal_counts(
     n = [len(where[split][1]) for split in ("train", "valid", "test")]
     out = {"n": np.array([n], dtype=np.int64)}
     out["skipped"] = np.array([[skipped["no_history_valid"], skipped["no_history_test"]]])
+    out["before_since"] = np.array([[before_since]], dtype=np.int64)
     for key, ids in per_item.items():
         out[key] = np.bincount(ids, minlength=n_items + 1).astype(np.int64)[None, :]
     return out
@@ -171,6 +191,8 @@ def count_summary(totals: dict[str, np.ndarray], protocol: SplitProtocol) -> dic
         out["cold_test"] = int(totals["test_targets"][cold].sum())
         no_history = totals["skipped"]
         out["no_history_valid"], out["no_history_test"] = int(no_history[0]), int(no_history[1])
+    if protocol.train_since is not None:
+        out["train_before_since"] = int(totals["before_since"][0])
     return out
 
 
@@ -203,7 +225,19 @@ def build_split_examples(
     max_seq_len: int,
     splits: tuple[str, ...],
 ) -> dict[str, Split]:
-    """``splits``' examples under ``protocol`` (``times`` is read only under temporal)."""
+    """``splits``' examples under ``protocol`` (``times`` is read only where it
+    ``needs_times``): the training examples from ``train_since`` on only, when it is set."""
+    if protocol.train_since is not None and "train" in splits:
+        rest = tuple(s for s in splits if s != "train")
+        out = build_split_examples(replace(protocol, train_since=None), offsets, items, times,
+                                   users, max_seq_len, rest)  # fmt: skip
+        if protocol.temporal:
+            user_idx, j = temporal_positions(offsets, times, *protocol.cuts())[0]["train"]
+        else:
+            user_idx, j = loo_train_positions(offsets)
+        user_idx, j, _ = since_filter(protocol.train_since, offsets, times, user_idx, j)
+        out["train"] = cut_examples(offsets, items, users, user_idx, j, max_seq_len, False)
+        return out
     if not protocol.temporal:
         return build_loo_examples(offsets, items, users, max_seq_len, splits=splits)
     assert times is not None and protocol.valid_start is not None
@@ -247,14 +281,16 @@ def resolve_protocol(
             cuts that leave nothing to train on or an empty test window (naming the keys and
             the data's time span: a cut in the wrong unit shows here).
     """
-    if data.split != "temporal":
+    since = None if data.train_since is None else cut_time(data.train_since, "data.train_since")
+    if data.split != "temporal" and since is None:
         return LOO
+    asked = "data.split=temporal" if data.split == "temporal" else "data.train_since"
     root = resolve_version(prepared_uri, storage=storage).uri  # a root: its newest version
     meta = read_json(f"{root}/meta.json", storage)
     fmt = (meta.get("sources") or {}).get("format")
     if fmt == "seqtxt":
         raise DataError(
-            f"{redact(root)}: data.split=temporal needs real timestamps, but this dataset was "
+            f"{redact(root)}: {asked} needs real timestamps, but this dataset was "
             "prepared from seqtxt input, whose times are positions in each line; use "
             "data.split=loo, or prepare a log with times (parquet, csv, atomic)"
         )
@@ -263,6 +299,13 @@ def resolve_protocol(
         lo, hi = int(recorded["min"]), int(recorded["max"])  # as the int64 timestamps truncate
     else:
         lo, hi = time_span(root, storage)
+    if since is not None and since > hi:
+        raise DataError(
+            f"{redact(root)}: data.train_since {_when(since)} is after the newest interaction: "
+            f"nothing to train on; the data's timestamps run from {_when(lo)} to {_when(hi)}"
+        )
+    if data.split != "temporal":
+        return SplitProtocol("loo", train_since=since)
     if data.test_start is not None:
         test_start = cut_time(data.test_start, "data.test_start")
     else:
@@ -288,7 +331,12 @@ def resolve_protocol(
             f"{redact(root)}: the test window starts at {_when(test_start)}, after the newest "
             f"interaction: nothing to test on; {span}"
         )
-    return SplitProtocol("temporal", valid_start, test_start)
+    if since is not None and since >= valid_start:
+        raise DataError(
+            f"{redact(root)}: data.train_since {_when(since)} is not before the validation "
+            f"window's start {_when(valid_start)}: no training target is left; {span}"
+        )
+    return SplitProtocol("temporal", valid_start, test_start, since)
 
 
 RECORD_COUNTS = ("n_valid", "n_test", "cold_valid", "cold_test", "no_history_valid",
@@ -304,13 +352,20 @@ def protocol_record(protocol: SplitProtocol, counts: dict[str, Any]) -> dict[str
     for key in RECORD_COUNTS:
         counted = protocol.temporal or key in ("n_valid", "n_test")
         out[key] = int(counts.get(key, 0)) if counted else None
+    if protocol.train_since is not None:  # the training examples it removed, counted
+        out["train_since"] = protocol.train_since
+        out["train_before_since"] = int(counts.get("train_before_since", 0))
     return out
 
 
 def describe_record(record: dict[str, Any]) -> str:
     """``protocol_record``'s content for the console (``evaluate``, ``train``)."""
-    protocol = SplitProtocol(record["split"], record.get("valid_start"), record.get("test_start"))
+    protocol = SplitProtocol(record["split"], record.get("valid_start"), record.get("test_start"),
+                             record.get("train_since"))  # fmt: skip
     line = protocol.describe()
+    if protocol.train_since is not None:
+        removed = record["train_before_since"]
+        line += f"\n  training examples removed (their targets are before it): {removed:,}"
     if protocol.temporal:
         line += (
             f"\n  {record['n_valid']:,} valid / {record['n_test']:,} test rows; cold targets "

@@ -182,6 +182,7 @@ def export_run(
         },
         protocol=data.protocol_record(),
         lineage=data.data,
+        warm_start=state.get("warm_start"),
         verify_on=_test_histories(data, storage),
         index=index,
         index_params=index_params,
@@ -207,6 +208,7 @@ def write_export(
     source: dict[str, Any] | None = None,
     protocol: dict[str, Any] | None = None,
     lineage: dict[str, Any] | None = None,
+    warm_start: dict[str, Any] | None = None,
     verify_on: tuple[torch.Tensor, torch.Tensor] | None = None,
     index: str | None = None,
     index_params: dict[str, int] | None = None,
@@ -225,6 +227,8 @@ def write_export(
         protocol: the run's evaluation protocol (``results.json["protocol"]``), recorded.
         lineage: ``{"uri", "version"}`` of the dataset the model trained on (the manifest's
             ``data``).
+        warm_start: the run's ``train.warm_start`` lineage (the manifest's ``warm_start``;
+            None for a cold start).
         verify_on: (item_seq (T, L), seq_len (T,)) histories on which the exported encoder is
             compared with the model (the max difference goes into the manifest), or None.
         index, index_params: the ANN index to build (``serve/index.py``), or None.
@@ -284,6 +288,7 @@ def write_export(
         "source": source or {},
         "protocol": protocol or {},
         "data": lineage or {},  # {"uri", "version"} of the dataset the model trained on
+        "warm_start": warm_start,  # the source its training started from (None: cold)
         "index": None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

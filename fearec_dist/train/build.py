@@ -4,8 +4,10 @@ Owns ``build_run_model`` (a model from its config plus non-config inputs such as
 item-attribute table), ``start_from_pretrained`` (S3Rec's finetune stage, ``train.stage``),
 ``build_optimizer`` (Adam / AdamW, and lazy ``SparseAdam`` for the item table behind one
 ``SplitOptimizer``), ``build_softmax`` (the sampled softmax, or None for the full one),
-``build_train_state`` (all of the above for a fresh run) and ``rebuild_model`` (a checkpoint's
-model with its best weights: the one way ``evaluate --checkpoint`` and ``export`` rebuild it).
+``build_train_state`` (all of the above for a fresh run, from ``train.warm_start``'s weights
+when set: ``warm_start.py``; ``check_warm_start`` is the driver's check of it) and
+``rebuild_model`` (a checkpoint's model with its best weights: the one way ``evaluate
+--checkpoint`` and ``export`` rebuild it).
 
 Imports flow one way: this module reads checkpoints (``checkpoint.py``: state and files only),
 never the reverse.
@@ -26,8 +28,15 @@ from fearec_dist.models.spec import ModelSpec
 from fearec_dist.train import checkpoint as ckpt
 from fearec_dist.train.console import say
 from fearec_dist.train.device import grad_scaler_for
-from fearec_dist.train.distributed import SPARSE_TABLE, build_gather_ids
+from fearec_dist.train.distributed import build_gather_ids
 from fearec_dist.train.progress import Progress
+from fearec_dist.train.warm_start import (
+    WarmStart,
+    carry_optimizer,
+    optimizer_param_names,
+    plan_warm_start,
+    warm_state_dict,
+)
 
 
 def model_inputs(spec: ModelSpec, cfg: ExperimentConfig, info: ExamplesInfo) -> dict[str, Any]:
@@ -111,12 +120,12 @@ def build_optimizer(
     Adam: only the rows a step touched move, and their moments; no weight decay) and every other
     parameter the optimizer above, both behind one ``SplitOptimizer``.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    table = [p for n, p in named if sparse_items and n == SPARSE_TABLE]
-    params = [p for n, p in named if not (sparse_items and n == SPARSE_TABLE)]
+    named = dict(model.named_parameters())
+    dense_names, table_names = optimizer_param_names(model, weight_decay, sparse_items)
+    params, table = [named[n] for n in dense_names], [named[n] for n in table_names]
     if weight_decay == 0:
         dense: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr)
-    else:
+    else:  # the order optimizer_param_names gives: matrices first (a warm start relies on it)
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -158,19 +167,58 @@ class SplitOptimizer:
         self.sparse.load_state_dict(state["sparse"])
 
 
+def state_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def check_warm_start(cfg: ExperimentConfig, info: ExamplesInfo) -> WarmStart | None:
+    """The driver's check of ``train.warm_start`` before any worker starts: the source read and
+    refused as ``build_train_state`` would (this run's model built on the meta device: shapes
+    only, no memory). None without a warm start."""
+    if not cfg.train.warm_start:
+        return None
+    spec = get_spec(cfg.model.name)
+    with torch.device("meta"):
+        shapes = state_shapes(build_run_model(spec, cfg, info))
+    return plan_warm_start(cfg, info, shapes)
+
+
+def start_warm(cfg: ExperimentConfig, info: ExamplesInfo, module: torch.nn.Module) -> WarmStart:
+    """``train.warm_start``: ``module`` (freshly initialised) takes the source's weights, rows
+    matched by raw id (``warm_start.py``)."""
+    t = cfg.train
+    if t.stage == "finetune" and t.pretrained:
+        say(f"[fearec-dist] train.pretrained ({t.pretrained}) is not read: the warm start's "
+            "weights replace it")  # fmt: skip
+    warm = plan_warm_start(cfg, info, state_shapes(module))
+    module.load_state_dict(warm_state_dict(module, warm))
+    return warm
+
+
 def build_train_state(
     spec: ModelSpec, cfg: ExperimentConfig, info: ExamplesInfo, device: torch.device, fresh: bool
 ) -> ckpt.TrainState:
-    """The bare model on ``device`` (a fresh finetune starts from the pretrained encoder), its
-    optimizer and an empty progress."""
+    """The bare model on ``device``, its optimizer and an empty progress. A fresh run starts
+    from ``train.warm_start`` when set (its optimizer state too with
+    ``train.warm_start_optimizer``), else a fresh finetune from the pretrained encoder; a
+    resumed run's state is restored afterwards (never warm-started again)."""
     t = cfg.train
     module = build_run_model(spec, cfg, info).to(device)
-    if t.stage == "finetune" and fresh:
+    warm = start_warm(cfg, info, module) if fresh and t.warm_start else None
+    if warm is None and t.stage == "finetune" and fresh:
         start_from_pretrained(spec, module, cfg)
     if t.sparse_item_updates:  # row-sparse gradients of the item table (lookups and candidates)
         module.item_embedding.sparse = True
     optimizer = build_optimizer(module, t.lr, t.weight_decay, t.sparse_item_updates)
-    return ckpt.TrainState(module, optimizer, Progress(), scaler=grad_scaler_for(device, t.amp))
+    if warm is not None and t.warm_start_optimizer:
+        carry_optimizer(warm, module, optimizer, t.weight_decay, t.sparse_item_updates)
+    return ckpt.TrainState(
+        module,
+        optimizer,
+        Progress(),
+        scaler=grad_scaler_for(device, t.amp),
+        warm_start=None if warm is None else warm.record(t.warm_start_optimizer),
+    )
 
 
 def rebuild_model(

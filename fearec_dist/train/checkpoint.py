@@ -9,9 +9,10 @@ Contents (nanoGPT's checkpoint dict is the model): ``model`` (the unwrapped modu
 best metric and epoch, patience counter, per-epoch history rows), ``best_model`` (weights of the
 best validation epoch, for the test metrics), ``rng`` (a list, one entry per rank: torch CPU,
 CUDA when present, numpy and Python ``random`` states, each exact), ``config`` (the experiment
-dict) and ``data`` (``{"uri", "version"}`` of the dataset version trained on, and ``examples``:
-the examples info, URI and fingerprint). Saved with ``torch.save`` and read back with
-``weights_only=True``: nothing pickled is ever executed.
+dict), ``data`` (``{"uri", "version"}`` of the dataset version trained on, and ``examples``:
+the examples info, URI and fingerprint) and ``warm_start`` (``train.warm_start``'s lineage,
+``warm_start.WarmStart.record``, None for a cold start). Saved with ``torch.save`` and read
+back with ``weights_only=True``: nothing pickled is ever executed.
 
 Per-rank RNG: every rank seeds its own generators (``seed + rank``), so each rank's states are
 gathered to rank 0 (``gather_object`` over the process group) and rank r restores entry r. A
@@ -118,6 +119,7 @@ class TrainState:
     progress: Progress
     best_model: dict[str, torch.Tensor] | None = None
     scaler: torch.amp.GradScaler | None = None  # train.amp: fp16's loss scale
+    warm_start: dict[str, Any] | None = None  # train.warm_start's lineage (None: a cold start)
 
     def keep_best(self) -> None:
         """Copies the current weights as the best epoch's (CPU, detached)."""
@@ -138,6 +140,7 @@ class TrainState:
             "config": config,
             # lineage (DESIGN.md): {"uri", "version"} of the dataset, and the examples read
             "data": info.data | {"examples": info.to_dict()},
+            "warm_start": self.warm_start,  # where the run's first weights came from
         }
 
     def restore_from(self, checkpoint: Any, rank: int, device: torch.device) -> None:
@@ -159,6 +162,7 @@ class TrainState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.progress = Progress(**state["progress"])
         self.best_model = state.get("best_model")
+        self.warm_start = state.get("warm_start")  # a resumed run keeps its start's lineage
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])  # the loss scale, so resume is exact
         restore_rng_state(state["rng"], rank)

@@ -52,6 +52,7 @@ from fearec_dist.train.evaluate import evaluate
 from fearec_dist.train.faults import kill_if_asked
 from fearec_dist.train.progress import epoch_row, prefixed
 from fearec_dist.train.report import Reporter
+from fearec_dist.train.warm_start import check_same_start
 
 Score = Callable[[str], dict[str, float]]  # split -> metrics of this worker's shard, all-reduced
 
@@ -184,8 +185,13 @@ def build_step_context(
     softmax = build_softmax(cfg, info, device)  # None: the full softmax
     if restored is not None:
         state.restore_from(restored, rank, device)
+    model = wrap_ddp(state.module, world, t.sparse_item_updates)  # syncs gradients
+    if restored is None and state.warm_start is not None:  # every rank from rank 0's weights
+        state.warm_start["start_digest"] = check_same_start(state.module, world)
+        if rank == 0:
+            say(warm_start_line(state.warm_start))
     return state, StepContext(
-        model=wrap_ddp(state.module, world, t.sparse_item_updates),  # syncs gradients
+        model=model,
         module=state.module,
         loss_terms=spec.stage_loss(t.stage),
         optimizer=state.optimizer,
@@ -196,6 +202,18 @@ def build_step_context(
         softmax=softmax,
         sparse_table=state.module.item_embedding.weight if t.sparse_item_updates else None,
         scaler=state.scaler,
+    )
+
+
+def warm_start_line(record: dict[str, Any]) -> str:
+    """The console's line for ``train.warm_start`` (its lineage record)."""
+    data = record["data"]
+    optimizer = "carried" if record["optimizer"] else "fresh"
+    return (
+        f"[fearec-dist] warm start from {record['source']} ({record['kind']}, dataset version "
+        f"{data.get('version')}): {record['items_copied']:,} item rows copied by raw id, "
+        f"{record['items_added']:,} new items initialised afresh; optimizer state {optimizer}; "
+        f"every rank starts from weights {record['start_digest']}"
     )
 
 
@@ -304,6 +322,9 @@ def train_func(config: dict[str, Any]) -> None:
     if rank == 0 and state.progress.epoch == 0:
         print_start(cfg, state.module, world, steps.feed.steps, steps.gather is not None,
                     device, threads, run_dir)  # fmt: skip
+        if info.train_since is not None:  # nothing dropped silently: the count is said
+            say(f"[fearec-dist] data.train_since: {info.n_train:,} training examples kept, "
+                f"{info.train_before_since:,} removed (targets before it)")  # fmt: skip
 
     # [5] epochs: train, evaluate when due, report every epoch
     reporter = Reporter(cfg, info, run_dir, rank, world)

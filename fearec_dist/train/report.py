@@ -45,6 +45,7 @@ class Reporter:
             ray.train.report(metrics)
             return
         results = results_dict(state.progress, self.cfg_dict, self.info)
+        results["warm_start"] = state.warm_start  # lineage: the start's source (None: cold)
         if self.tracking is not None:  # before ray.train.report: ASHA may stop the trial then
             self.tracking.log_epoch(row, results)
             results["tracking"] = self.tracking.info()  # a resumed run logs to the same run
