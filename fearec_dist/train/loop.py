@@ -188,6 +188,7 @@ def build_step_context(
     model = wrap_ddp(state.module, world, t.sparse_item_updates)  # syncs gradients
     if restored is None and state.warm_start is not None:  # every rank from rank 0's weights
         state.warm_start["start_digest"] = check_same_start(state.module, world)
+        state.warm_start["ranks_checked"] = world
         if rank == 0:
             say(warm_start_line(state.warm_start))
     return state, StepContext(
