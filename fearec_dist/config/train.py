@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from fearec_dist.config.keys import option
@@ -127,6 +128,9 @@ class TrainSection:
     def check_warm_start(self) -> None:
         if self.warm_start is not None and not str(self.warm_start).strip():
             raise ConfigError("train.warm_start: empty; name a run, checkpoint or export, or null")
+        if self.warm_start and "://" not in self.warm_start.replace("file://", ""):
+            # absolute here, in the driver: the workers read it from another working directory
+            self.warm_start = os.path.abspath(self.warm_start.removeprefix("file://"))
         if self.warm_start_optimizer and not self.warm_start:
             raise ConfigError(
                 "train.warm_start_optimizer: true needs train.warm_start (the run or checkpoint "

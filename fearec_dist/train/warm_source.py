@@ -23,6 +23,7 @@ import torch
 from fearec_dist.config import ConfigError, StorageSection, config_from_saved
 from fearec_dist.data.examples import ExamplesInfo
 from fearec_dist.data.merge import read_item_vocab
+from fearec_dist.errors import DataError
 from fearec_dist.storage import exists, read_bytes, read_json, redact, storage_root
 from fearec_dist.train import checkpoint as ckpt
 
@@ -69,7 +70,14 @@ def read_source(uri: str, storage: StorageSection | None = None) -> WarmSource:
     state = ckpt.load_state_uri(path, storage)
     cfg = config_from_saved(state["config"], f"train.warm_start {redact(path)}")
     info = ExamplesInfo.from_dict(state["data"].get("examples", state["data"]))
-    raw, _ = read_item_vocab(info.prepared_uri, storage)  # the data layer's reader
+    try:
+        raw, _ = read_item_vocab(info.prepared_uri, storage)  # the data layer's reader
+    except (FileNotFoundError, OSError, DataError) as err:
+        raise ConfigError(
+            f"train.warm_start: {redact(path)} trained on {redact(info.prepared_uri)}, whose item "
+            f"vocabulary cannot be read ({err}); a version removed by `data gc` cannot be warm-"
+            "started from: use the run's export, which carries its items"
+        ) from None
     if len(raw) != info.n_items:
         raise ConfigError(
             f"train.warm_start: {redact(path)}'s dataset {redact(info.prepared_uri)} lists "
