@@ -191,7 +191,8 @@ def remap(
     """``fresh`` with its rows ``pairs[0]`` replaced by ``source``'s rows ``pairs[1]``."""
     out = fresh.detach().clone()
     dst, src = pairs
-    out[dst.to(out.device)] = source.detach().to(out.device, out.dtype)[src.to(source.device)]
+    rows = source.detach()[src.to(source.device)]  # only the copied rows move to the device
+    out[dst.to(out.device)] = rows.to(out.device, out.dtype)
     return out
 
 
