@@ -3,9 +3,9 @@ version has not consumed; and the record of what the new version has consumed
 (``<version>/inputs.json``).
 
 ``inputs.json``: ``{"input": redacted URI, "root": the URI as compared, "format",
-"files": {path relative to the input: [size, mtime_ns]}, "columns": the partitions' columns
-or null, "delta_version": the Delta table version consumed (delta only)}``. It is cumulative:
-each version holds everything consumed up to it.
+"files": {path relative to the input: [size, mtime_ns], on S3 [size, mtime_ns, ETag]},
+"columns": the partitions' columns or null, "delta_version": the Delta table version consumed
+(delta only)}``. It is cumulative: each version holds everything consumed up to it.
 
 Order of the files (the input-order tie-break of equal timestamps): plain and Hive directories
 by relative path; Delta by the commit that added the file, then path.

@@ -7,15 +7,18 @@ added to the file's rows as string columns named ``key`` (so ``--columns time=dt
 outside that layout (a directory that is not ``key=value``, other keys, another depth) is an
 error naming it, and so are partitions whose files have other columns than the first partition's.
 
-Each consumed file is recorded (path relative to the input, size, mtime: S3's LastModified), so an
-append reads only new files and a consumed file that has changed since is an error naming it.
+Each consumed file is recorded (path relative to the input, size, mtime — S3's LastModified — and
+on S3 its ETag), so an append reads only new files and a consumed file that has changed since is
+an error naming it. A file is unchanged when its size and its ETag (where both records have one)
+or else its mtime match: an object uploaded again with the same bytes keeps its ETag, so an S3
+re-upload of the same file is not a change.
 """
 
 from __future__ import annotations
 
 import io
 import posixpath
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote
 
@@ -24,7 +27,7 @@ import pyarrow.parquet as pq
 
 from fearec_dist.config import StorageSection
 from fearec_dist.errors import DataError
-from fearec_dist.storage import is_remote, redact, resolve
+from fearec_dist.storage import fsspec_filesystem, is_remote, redact, resolve
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,32 @@ class InputFile:
     mtime_ns: int
     partition: dict[str, str] = field(default_factory=dict)
     commit: int = -1  # Delta: the table version that added it
+    etag: str | None = None  # S3's ETag (None on local disks and other stores)
 
-    def stamp(self) -> list[int]:
-        return [self.size, self.mtime_ns]
+    def stamp(self) -> list[Any]:
+        return [self.size, self.mtime_ns] + ([self.etag] if self.etag else [])
+
+
+def same_file(recorded: list[Any], now: list[Any]) -> bool:
+    """Whether a consumed file's record (``[size, mtime_ns]`` or ``[size, mtime_ns, etag]``)
+    still describes it: same size and, where both have an ETag, the same ETag, else the same
+    mtime."""
+    if recorded[0] != now[0]:
+        return False
+    if len(recorded) > 2 and len(now) > 2:
+        return recorded[2] == now[2]
+    return recorded[1] == now[1]
+
+
+def s3_etags(uri: str, base: str, storage: StorageSection | None) -> dict[str, str]:
+    """``{path: ETag}`` of the objects under ``base`` (an s3 path without the scheme); pyarrow's
+    listing has no ETags, s3fs's has (one more listing: a LIST per 1,000 objects)."""
+    fs, _ = fsspec_filesystem(uri, storage)
+    try:
+        found = fs.find(base, detail=True)
+    except OSError as err:
+        raise DataError(f"cannot list {redact(uri)}: {err}") from None
+    return {path: str(d.get("ETag", "")).strip('"') for path, d in found.items() if d.get("ETag")}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +109,9 @@ def list_input_files(
         out.append(InputFile(prefix + fi.path, rel, int(fi.size or 0), mtime))
     if not out:
         raise DataError(f"{redact(uri)}: no input files found")
+    if uri.startswith(("s3://", "s3a://")):
+        tags = s3_etags(uri, base, storage)
+        out = [replace(f, etag=tags.get(f.uri[len(prefix) :])) for f in out]
     out.sort(key=lambda f: f.rel)
     return hive_partitions(out, uri)
 
@@ -103,7 +132,7 @@ def hive_partitions(files: list[InputFile], uri: str) -> list[InputFile]:
                 f"{'/'.join(k + '=…' for k in keys)}/file, as the first file {files[0].rel})"
             )
         values = {p.split("=", 1)[0]: unquote(p.split("=", 1)[1]) for p in parts}
-        out.append(InputFile(f.uri, f.rel, f.size, f.mtime_ns, values))
+        out.append(replace(f, partition=values))
     return out
 
 
@@ -180,10 +209,11 @@ def unconsumed(files: list[InputFile], consumed: dict[str, list[int]], uri: str)
         stamp = consumed.get(f.rel)
         if stamp is None:
             out.append(f)
-        elif list(stamp) != f.stamp():
+        elif not same_file(list(stamp), f.stamp()):
             raise DataError(
-                f"{redact(uri)}: {f.rel} changed since it was consumed (size/mtime "
-                f"{stamp[0]}/{stamp[1]} then, {f.size}/{f.mtime_ns} now); an append-only dataset "
-                "cannot take back rows: restore the file, or prepare the input again in full"
+                f"{redact(uri)}: {f.rel} changed since it was consumed (size/mtime/ETag "
+                f"{'/'.join(map(str, stamp))} then, {'/'.join(map(str, f.stamp()))} now); an "
+                "append-only dataset cannot take back rows: restore the file, or prepare the "
+                "input again in full"
             )
     return out

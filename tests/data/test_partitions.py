@@ -4,14 +4,16 @@ the one prepare)."""
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fearec_dist.config import DataSection
+from fearec_dist.config import DataSection, StorageSection
 from fearec_dist.data.inputs import select
 from fearec_dist.data.inspect import dump_dataset
-from fearec_dist.data.partitions import check_partition_columns, list_input_files
+from fearec_dist.data.partitions import check_partition_columns, list_input_files, unconsumed
 from fearec_dist.data.prepare import prepare_dataset
 from fearec_dist.errors import DataError
 
@@ -67,3 +69,29 @@ def test_partition_column_as_the_time(ray_session, tmp_path):
     assert '{"user": "a", "items": ["3", "1"], "timestamps": [1, 2]}' in (
         (tmp_path / "d.jsonl").read_text()
     )
+
+
+@pytest.mark.slow
+def test_s3_inputs_are_recorded_with_their_etag(s3_server):
+    """On S3 a consumed file is recorded with its ETag: uploading the same bytes again (a new
+    LastModified) is not a change; other bytes of the same size are, named with both stamps."""
+    bucket = s3_server.create_bucket("etags")
+    client = s3_server.client()
+    client.put_object(Bucket=bucket, Key="log/dt=1/a.csv", Body=b"u,i,1\n")
+    client.put_object(Bucket=bucket, Key="log/dt=2/b.csv", Body=b"u,j,2\n")
+    storage = StorageSection(endpoint_url=s3_server.endpoint_url)
+    uri = f"s3://{bucket}/log"
+    files = list_input_files(uri, storage, (".csv",))
+    assert [f.rel for f in files] == ["dt=1/a.csv", "dt=2/b.csv"]
+    assert all(f.etag and len(f.stamp()) == 3 for f in files), files
+    consumed = {f.rel: f.stamp() for f in files}
+    time.sleep(1.1)  # S3's LastModified has a resolution of one second
+    client.put_object(Bucket=bucket, Key="log/dt=1/a.csv", Body=b"u,i,1\n")  # same bytes
+    again = list_input_files(uri, storage, (".csv",))
+    assert again[0].mtime_ns != files[0].mtime_ns and again[0].etag == files[0].etag
+    assert unconsumed(again, consumed, uri) == []
+    with pytest.raises(DataError, match=r"dt=1/a\.csv changed"):  # recorded before ETags
+        unconsumed(again, {"dt=1/a.csv": files[0].stamp()[:2]}, uri)
+    client.put_object(Bucket=bucket, Key="log/dt=2/b.csv", Body=b"u,k,2\n")  # same size
+    with pytest.raises(DataError, match=r"dt=2/b\.csv changed since it was consumed .*ETag"):
+        unconsumed(list_input_files(uri, storage, (".csv",)), consumed, uri)
