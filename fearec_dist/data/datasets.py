@@ -46,7 +46,7 @@ def ensure_prepared(cfg: ExperimentConfig, progress: bool = True) -> str:
 
     # the examples' keys: they cut the prepared data, they do not change it
     skip = ("storage", "max_seq_len", "version", "split", "valid_start", "test_start", "valid_days",
-            "test_days")  # fmt: skip
+            "test_days", "train_since")  # fmt: skip
     key = json.dumps({k: v for k, v in data.__dict__.items() if k not in skip}, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     cache = f"{storage_root(cfg.run.storage_path)}/_prepared/{data.format}-{digest}"

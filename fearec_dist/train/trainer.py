@@ -33,6 +33,7 @@ from fearec_dist.storage import (
     storage_root,
 )
 from fearec_dist.tracking import check_tracking, end_run
+from fearec_dist.train.build import check_warm_start
 from fearec_dist.train.loop import train_func
 
 MODES = ("debug", "local", "cluster")
@@ -119,6 +120,7 @@ def run_training(cfg: ExperimentConfig, mode: str = "local") -> dict[str, Any]:
         run_dir = f"{storage_root(cfg.run.storage_path)}/{name}"
         print(f"[fearec-dist] run {name} ({mode} mode) -> {run_dir}")
         _, info = prepare_run(cfg)
+        check_warm_start(cfg, info)  # a refused source named before any worker starts
         trainer = build_trainer(cfg, build_datasets(cfg, info), info, mode=mode, name=name)
         t0 = time.time()
         try:
