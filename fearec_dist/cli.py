@@ -8,6 +8,7 @@ fearec-dist tune --config F --space F [--local]
 fearec-dist evaluate (--checkpoint URI | --baseline popularity --data URI [--set data.split=…])
 fearec-dist export --run DIR|URI [--output URI] [--index flat|ivf|hnsw]
 fearec-dist recommend --export DIR|URI (--history "raw ids" | --input URI --output URI) [-k K]
+fearec-dist daily --config F --input URI [--format F] [--local]   (continuous training)
 fearec-dist submit CONFIG [--tune SPACE] [--address URL]   (ray job submit on a cluster)
 fearec-dist config [--list | --markdown | --write FILE]   (every config key: type, default, use)
 fearec-dist demo
@@ -30,6 +31,7 @@ from fearec_dist.data.temporal import baseline_protocol, describe_record
 from fearec_dist.data.versions import gc_versions
 from fearec_dist.launch import ray_session
 from fearec_dist.models import get_spec, model_names, validate_model_section
+from fearec_dist.pipeline.cli import DAILY_COMMANDS, add_daily_command
 from fearec_dist.serve.cli import SERVE_COMMANDS, add_serve_commands
 from fearec_dist.submit import build_submit_parser, run_submit
 from fearec_dist.train.evaluate import (
@@ -193,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     build_submit_parser(sub)
 
     add_serve_commands(sub)
+    add_daily_command(sub)
 
     p = sub.add_parser("demo", help="prepare synthetic data and train FEARec locally (make demo)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="defaults to jobs/configs/demo.yaml")
@@ -254,7 +257,6 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-
     cfg = load_config(args.config or None, args.overrides)
     data = cfg.data
     if args.columns:
@@ -271,7 +273,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-
     cfg = _train_config(args)
     mode = "debug" if args.debug else "local" if args.local else "cluster"
     results = run_training(cfg, mode)
@@ -286,14 +287,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-
     cfg = _train_config(args)
     run_sweep(cfg, args.space, mode="local" if args.local else "cluster")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-
     if args.users < 0:
         raise ValueError(f"--users: must be >= 0, got {args.users}")
     if args.baseline:
@@ -364,7 +363,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-
     return run_submit(args)
 
 
@@ -378,6 +376,7 @@ COMMANDS = {
     "data": cmd_data,
     "demo": cmd_demo,
     **SERVE_COMMANDS,
+    **DAILY_COMMANDS,
 }
 
 

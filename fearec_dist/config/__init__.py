@@ -3,11 +3,12 @@
 Order of precedence (lowest first): dataclass defaults < YAML file < ``--set section.key=value``.
 Unknown keys and wrong types are errors that name the dotted key and the file they came from.
 
-One module per section (``storage``, ``data``, ``model``, ``train``, ``run``, ``tune``), the
-whole experiment (``experiment``), building from dicts with checks (``build``), loading and
-``--set`` (``loader``) and the reference of every key (``reference``). A key is one line in its
-section: ``name: type = option(default, "one-line description")``; ``docs/config.md`` is
-generated from those descriptions (``fearec-dist config --write docs/config.md``).
+One module per section (``storage``, ``data``, ``model``, ``train``, ``run``, ``tune``,
+``daily``), the whole experiment (``experiment``), building from dicts with checks (``build``),
+loading and ``--set`` (``loader``) and the reference of every key (``reference``). A key is
+one line in its section: ``name: type = option(default, "one-line description")``;
+``docs/config.md`` is generated from those descriptions (``fearec-dist config --write
+docs/config.md``).
 
 This package imports neither torch nor Ray (nor data/, train/, models/, serve/), so the CLI can
 validate a config before starting either. The ``model`` section is a name plus free keys here;
@@ -16,6 +17,7 @@ model's own dataclass.
 """
 
 from fearec_dist.config.build import RETIRED_KEYS, fold_storage_alias
+from fearec_dist.config.daily import DailySection
 from fearec_dist.config.data import FORMATS, DataSection
 from fearec_dist.config.experiment import ExperimentConfig
 from fearec_dist.config.keys import option
@@ -38,6 +40,7 @@ __all__ = [
     "FORMATS",
     "RETIRED_KEYS",
     "ConfigError",
+    "DailySection",
     "DataSection",
     "ExperimentConfig",
     "ModelSection",

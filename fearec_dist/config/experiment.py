@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fearec_dist.config.build import build_section, fold_storage_alias
+from fearec_dist.config.daily import DailySection
 from fearec_dist.config.data import DataSection
 from fearec_dist.config.keys import option
 from fearec_dist.config.model import ModelSection
@@ -26,6 +27,9 @@ class ExperimentConfig:
     run: RunSection = option(help="the run's outputs, workers and resources", factory=RunSection)
     tune: TuneSection = option(help="the sweep: samples and the ASHA schedule", factory=TuneSection)
     storage: StorageSection = option(help="object-storage options", factory=StorageSection)
+    daily: DailySection = option(
+        help="the daily job: its pipeline and promotion", factory=DailySection
+    )
 
     def __post_init__(self) -> None:
         self.data.storage = self.storage  # one object: the alias can never disagree
