@@ -1,6 +1,8 @@
 """Every YAML under cluster/ and jobs/ loads and says what a cluster run needs: KubeRay kinds and
 apiVersions, GPU resources, CPU/memory requests, token auth from a Secret (never a literal), and
-entrypoints naming config files that load with the project's config loader. No Ray, no network."""
+entrypoints naming config files that load with the project's config loader; the daily CronJob
+creates a RayJob of the same shape (kept in its ConfigMap) with only the rights it needs. No Ray,
+no network."""
 
 from __future__ import annotations
 
@@ -23,7 +25,12 @@ KINDS = {
     "RayJob": "ray.io/v1",
     "RayService": "ray.io/v1",
     "ServiceAccount": "v1",
+    "CronJob": "batch/v1",
+    "ConfigMap": "v1",
+    "Role": "rbac.authorization.k8s.io/v1",
+    "RoleBinding": "rbac.authorization.k8s.io/v1",
 }
+DAILY = REPO / "cluster" / "kuberay" / "daily-cronjob.yaml"
 GPU = "nvidia.com/gpu"
 
 
@@ -36,7 +43,16 @@ def _docs(path: Path) -> list[Any]:
 
 
 def _manifests() -> list[tuple[str, dict]]:
-    return [(_rel(p), d) for p in YAMLS for d in _docs(p) if isinstance(d, dict) and "kind" in d]
+    """Every manifest, and every manifest a ConfigMap carries as a YAML value (the RayJob
+    template the daily CronJob creates)."""
+    out = [(_rel(p), d) for p in YAMLS for d in _docs(p) if isinstance(d, dict) and "kind" in d]
+    for name, doc in list(out):
+        if doc["kind"] == "ConfigMap":
+            for key, text in doc.get("data", {}).items():
+                inner = yaml.safe_load(text) if key.endswith((".yaml", ".yml")) else None
+                if isinstance(inner, dict) and "kind" in inner:
+                    out.append((f"{name}:{key}", inner))
+    return out
 
 
 def _ray_specs() -> list[tuple[str, dict]]:
@@ -142,12 +158,22 @@ def test_standalone_cluster_dashboard_on_localhost():
 def test_rayjob_entrypoints_name_loadable_configs(name, job):
     spec = job["spec"]
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:3] == ["python", "-m", "fearec_dist"] and argv[3] in ("train", "tune"), name
+    if argv[:2] == ["python", "jobs/daily.py"]:  # the daily job's entrypoint
+        argv = ["python", "-m", "fearec_dist", "daily", *argv[2:]]
+    command = argv[3]
+    assert argv[:3] == ["python", "-m", "fearec_dist"], name
+    assert command in ("train", "tune", "daily"), name
     config = argv[argv.index("--config") + 1]
     assert config.startswith("jobs/configs/"), name
     cfg = _check_config(config)
     assert cfg.data.path.startswith("s3://") and cfg.run.use_gpu, f"{name}: {config}"
-    if argv[3] == "tune":
+    if command == "daily":
+        from fearec_dist.pipeline.daily import check_daily
+
+        check_daily(cfg)  # what the job checks before Ray starts
+        assert argv[argv.index("--input") + 1].startswith("s3://"), name
+        assert cfg.run.storage_path.startswith("s3://"), f"{name}: the pointer on object storage"
+    if command == "tune":
         space = argv[argv.index("--space") + 1]
         assert space.startswith("jobs/spaces/") and (REPO / space).is_file(), name
         if importlib.util.find_spec("fearec_dist.tune") is not None:
@@ -158,9 +184,56 @@ def test_rayjob_entrypoints_name_loadable_configs(name, job):
     assert spec["shutdownAfterJobFinishes"] is True, f"{name}: a finished job keeps its GPUs"
 
 
-def test_both_rayjobs_exist():
-    jobs = [d for _, d in _manifests() if d["kind"] == "RayJob"]
-    assert {shlex.split(d["spec"]["entrypoint"])[3] for d in jobs} == {"train", "tune"}
+def test_every_rayjob_kind_exists():
+    jobs = [d["spec"]["entrypoint"] for _, d in _manifests() if d["kind"] == "RayJob"]
+    commands = {"daily" if "jobs/daily.py" in e else shlex.split(e)[3] for e in jobs}
+    assert commands == {"train", "tune", "daily"}
+
+
+def test_daily_cronjob_creates_a_rayjob_a_day_with_only_its_rights():
+    docs = {d["kind"]: d for d in _docs(DAILY)}
+    cron = docs["CronJob"]["spec"]
+    assert len(cron["schedule"].split()) == 5 and cron["concurrencyPolicy"] == "Forbid"
+    job = cron["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    assert job["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
+    # the pod mounts the ConfigMap holding the RayJob and creates it from there
+    (volume,) = pod["volumes"]
+    assert volume["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    (container,) = pod["containers"]
+    (mount,) = container["volumeMounts"]
+    (key,) = docs["ConfigMap"]["data"]
+    script = container["args"][0]
+    assert f"kubectl create -f {mount['mountPath']}/{key}" in script
+    assert "jobStatus" in script and "SUCCEEDED" in script  # ends with the day's outcome
+    rayjob = yaml.safe_load(docs["ConfigMap"]["data"][key])
+    assert rayjob["kind"] == "RayJob" and "name" not in rayjob["metadata"]
+    assert rayjob["metadata"]["generateName"]  # a fresh name per day: a re-run never collides
+    assert rayjob["metadata"]["labels"]["app"] in script  # the cleanup selects its own RayJobs
+    assert rayjob["spec"]["activeDeadlineSeconds"] < job["activeDeadlineSeconds"]
+    # its identity: a ServiceAccount bound to a Role on rayjobs only
+    account = pod["serviceAccountName"]
+    assert docs["ServiceAccount"]["metadata"]["name"] == account
+    binding = docs["RoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account}]
+    assert binding["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
+    (rule,) = docs["Role"]["rules"]
+    assert rule["apiGroups"] == ["ray.io"] and rule["resources"] == ["rayjobs"]
+    assert {"create", "get"} <= set(rule["verbs"]) and "*" not in rule["verbs"]
+
+
+def test_daily_job_entrypoint_is_the_cli(capsys):
+    import runpy
+    import sys
+
+    saved = sys.argv
+    sys.argv = ["jobs/daily.py", "--help"]
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(REPO / "jobs" / "daily.py"), run_name="__main__")
+    finally:
+        sys.argv = saved
+    assert done.value.code == 0 and "fearec-dist daily" in capsys.readouterr().out
 
 
 def test_cluster_launcher_config():
