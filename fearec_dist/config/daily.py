@@ -32,6 +32,11 @@ class DailySection:
         0.0,
         "promote only when new > current and (new - current) >= min_gain x current (relative)",
     )
+    warm_start: bool = option(
+        True,
+        "start each day from the promoted run's weights; false: every day trains cold (e.g. "
+        "after a model change the promoted weights cannot seed)",
+    )
     warm_epochs: int | None = option(
         None, "epochs of a warm-started day (null = train.epochs); the first day trains cold"
     )

@@ -133,7 +133,7 @@ def day_config(
         "run": {"name": f"{cfg.daily.name}-v{version}-{stamp}"},
         "data": {"version": version},
     }
-    if state.current:  # a warm day
+    if state.current and cfg.daily.warm_start:  # a warm day
         over["train"] = {"warm_start": state.current["run"]}
         if cfg.daily.warm_epochs is not None:
             over["train"]["epochs"] = cfg.daily.warm_epochs
@@ -177,7 +177,7 @@ def run_daily(
         version_uri = resolve_version(cfg.data.path, version, cfg.storage).uri
         day = day_config(cfg, state, version, resolve_protocol(cfg.data, version_uri, cfg.storage))
         record["run"] = f"{storage_root(day.run.storage_path)}/{day.run.name}"
-        record["warm_start"] = state.current["run"] if state.current else None
+        record["warm_start"] = day.train.warm_start
         clock = time.time()
         results = run_training(day, mode)
         run_dir = record["run"]

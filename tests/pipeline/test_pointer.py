@@ -156,6 +156,9 @@ def test_a_warm_day_config():
     warm = day_config(cfg, state, 4, protocol)
     assert warm.train.warm_start == "s3://b/runs/daily-v3-x" and warm.train.epochs == 2
     assert warm.data.train_since == 1_000_000 - 3 * DAY and warm.data.version == 4
+    cold = load_config(None, BASE + ["daily.warm_start=false", "daily.warm_epochs=2"])
+    again = day_config(cold, state, 4, protocol)
+    assert again.train.warm_start is None and again.train.epochs == cold.train.epochs
 
 
 def test_help_explains_the_steps(capsys):
