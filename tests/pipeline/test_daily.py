@@ -3,7 +3,8 @@ partitions of ``data/synthetic.generate_daily_log``) that grows by a day at a ti
 
 - day 1 prepares the dataset, trains cold with a tiny budget and is promoted (no current model);
 - day 2 appends a day, starts warm from day 1's run, trains with a real budget and beats it;
-- day 3 appends a day and cannot reach ``daily.min_gain`` (100 = +10,000 %): rejected;
+- day 3 appends a day, fine-tunes on its last day only (``daily.train_days``) and cannot reach
+  ``daily.min_gain`` (100 = +10,000 %): rejected;
 - the same day again is a no-op (exit 0); a corrupt partition fails the day (exit 1);
 
 with the pointer, its history and the decisions checked after each, every run traced to its
@@ -31,7 +32,7 @@ from fearec_dist.pipeline.daily import run_daily
 from fearec_dist.pipeline.pointer import list_decisions, read_state
 from fearec_dist.serve.artifact import load_export
 from fearec_dist.serve.export import read_item_vocab
-from fearec_dist.storage import exists, list_children, read_json, write_bytes
+from fearec_dist.storage import list_children, read_json, write_bytes
 
 pytestmark = pytest.mark.slow
 START = 1_793_491_200  # 2026-11-01T00:00:00Z
@@ -48,8 +49,8 @@ BASE = {
 # day 1: a tiny budget (one epoch, lr 1e-5: about a random model); day 2: a real one
 DAYS = {
     1: ["train.epochs=1", "train.lr=1e-5"],
-    2: ["daily.warm_epochs=3"],
-    3: ["train.epochs=1", "daily.min_gain=100"],
+    2: ["daily.warm_epochs=2"],
+    3: ["daily.warm_epochs=1", "daily.train_days=1", "daily.min_gain=100"],
 }
 LOG = f"s3://{BUCKET}/log"
 POINTER = f"s3://{BUCKET}/runs/pipelines/shop"
@@ -117,7 +118,7 @@ def test_day_2_warm_better_and_promoted(days):
     lineage = results["warm_start"]  # the start's source and its data version, in the run
     assert lineage["source_run"] == first["run"] and lineage["data"] == _lineage(1)
     assert record["new"]["warm_start"] == lineage
-    assert results["config"]["train"]["epochs"] == 3  # daily.warm_epochs on a warm day
+    assert results["config"]["train"]["epochs"] == 2  # daily.warm_epochs on a warm day
     new, current = record["new"]["test"], record["current"]["test"]
     assert record["decision"] == "promoted", record["reason"]
     assert new["hr@10"] > current["hr@10"] + 0.2, record["reason"]
@@ -142,6 +143,9 @@ def test_day_3_rejected_pointer_unchanged(days):
     (_, before), (record, pointer) = days[2], days[3]
     assert record["decision"] == "rejected" and record["generation"] == 2
     assert record["data"] == _lineage(3)
+    # daily.train_days: only the last day's targets before the validation window
+    since = _results(record)["config"]["data"]["train_since"]
+    assert since == record["protocol"]["valid_start"] - DAY
     assert record["current"]["test"]["hr@10"] > 0.01  # so no hr@10 <= 1 can be 101x it
     assert "relative gain >= 10000.00%" in record["reason"]
     assert pointer == before  # current.json is unchanged
@@ -220,5 +224,8 @@ def test_results_and_pointer_carry_lineage_in_json(days):
     for record in list_decisions(POINTER):
         if record["decision"] != "failed":
             assert record["new"]["data"] == record["data"], record["file"]
-            assert exists(f"{record['new']['export']}/manifest.json")
+            results = _results(record)
+            assert results["data"]["version"] == record["data"]["version"], record["file"]
+            manifest = read_json(f"{record['new']['export']}/manifest.json")
+            assert manifest["data"] == record["data"], record["file"]
     json.dumps(read_json(f"{POINTER}/current.json"))
