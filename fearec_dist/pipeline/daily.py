@@ -51,7 +51,7 @@ class DailyFailed(RuntimeError):
     """A day failed at ``step``; the pointer was left where it was."""
 
     def __init__(self, step: str, err: BaseException, state: PipelineState | None) -> None:
-        where = "nothing promoted yet"
+        where = "nothing promoted yet" if state else "not read"
         if state is not None and state.current:
             where = f"generation {state.generation}, export {state.current.get('export')}"
         super().__init__(
@@ -197,9 +197,6 @@ def run_daily(
         else:
             record["generation"] = state.generation
         record |= {"seconds": seconds, "finished_at": _now()}
-        record["decision_file"] = record_decision(root, record, cfg.storage)
-        report(cfg, record, run_dir)
-        return record
     except Exception as err:
         failed = DailyFailed(step, err, state)
         if state is not None:
@@ -210,6 +207,13 @@ def run_daily(
             import ray
 
             ray.shutdown()
+    try:  # the decision is made (and a promotion is in the history): this no longer fails the day
+        record["decision_file"] = record_decision(root, record, cfg.storage)
+        report(cfg, record, run_dir)
+    except Exception as err:  # noqa: BLE001 - said, and the day's outcome stands
+        print(f"[fearec-dist] daily {cfg.daily.name}: {record['decision']}, but recording the "
+              f"decision failed: {' '.join(str(err).split())[:500]}")  # fmt: skip
+    return record
 
 
 def compare(

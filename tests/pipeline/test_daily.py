@@ -160,8 +160,11 @@ def test_noop_rerun_and_failing_day(days, s3_server, capsys):
             "--set", "train.epochs=1"]  # fmt: skip
     before = read_json(f"{POINTER}/current.json")
     runs = set(list_children(f"s3://{BUCKET}/runs"))
-    assert main(argv) == 0
-    assert "nothing to do" in capsys.readouterr().out
+    assert main([*argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do: no new data, and dataset version 3 was already decided (rejected" in out
+    noop = json.loads(out.strip().splitlines()[-1])  # --json: the record, one line
+    assert noop["decision"] == "noop" and noop["generation"] == 2 and noop["appended"] is False
     assert set(list_children(f"s3://{BUCKET}/runs")) == runs  # no run trained
     assert [v.version for v in list_versions(f"s3://{BUCKET}/prepared")] == [1, 2, 3]
 

@@ -21,7 +21,7 @@ from fearec_dist.pipeline.pointer import (
     record_decision,
     write_current,
 )
-from fearec_dist.storage import list_children, read_json
+from fearec_dist.storage import list_children, read_json, resolve
 
 
 def _pointer(run: str, version: int = 1) -> dict:
@@ -43,6 +43,10 @@ def _race(root: str) -> None:
     assert read_json(f"{root}/current.json") == read_json(f"{root}/history/2.json") == won
     assert list_children(f"{root}/history") == ["1.json", "2.json"]
     assert read_state(root).current["run"] == "day-a"
+    fs, path = resolve(f"{root}/current.json")  # killed between the history and the copy
+    fs.delete_file(path)
+    assert read_state(root, say=lambda _: None).current["run"] == "day-a"
+    assert read_json(f"{root}/current.json") == won
 
 
 def test_two_days_racing_on_a_local_disk(tmp_path):
