@@ -12,8 +12,16 @@ timestamps inside each day. Rows of ``bench/results/append.json``:
   of days 1..30, both ``bytes_read`` (input files consumed, plus for the append the parent
   version's files) and ``bytes_written`` (the new version's directory), ``ratio`` = append /
   full seconds;
+  ``cpu_seconds`` / ``full_cpu_seconds``: CPU time of the driver and every Ray process
+  (bench/common.py; independent of what else runs on the box), ``cpu_ratio``;
+  ``buckets_written`` / ``buckets_copied`` of the append;
 - ``rss``: the driver's peak RSS during a prepare of a log with ``users`` users (two
-  interactions each; sampled every 0.2 s, bench/common.py).
+  interactions each; sampled every 0.2 s, bench/common.py). The prepare runs in a process of
+  its own (``--rss-child``, joined to the benchmark's Ray instance), so the RSS is the
+  prepare's alone: not the benchmark's, which generated the log (the first version of this
+  benchmark measured in its own process and counted the generated table it still held: 444 MB
+  at 1M users, 1,499 MB at 10M). ``baseline_rss_mb``: that process after importing the package
+  and joining Ray, before the prepare.
 
 Each row records the 1-minute load average after it: the box is shared.
 """
@@ -23,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,11 +97,13 @@ def append_case(interactions: int, work: Path) -> dict:
         meta = prepare_dataset(str(log), "parquet", str(ds), progress=False, append=True)
         seconds = time.perf_counter() - start
     appended = Path(resolve_version(str(ds)).uri)
-    start = time.perf_counter()
-    full_meta = prepare_dataset(str(union), "parquet", str(full), progress=False)
-    full_seconds = time.perf_counter() - start
+    with PeakRSS() as full_rss:
+        start = time.perf_counter()
+        full_meta = prepare_dataset(str(union), "parquet", str(full), progress=False)
+        full_seconds = time.perf_counter() - start
     assert full_meta["n_interactions"] == meta["n_interactions"]
-    parent_read = sum(tree_bytes(parent / p) for p in ("sequences", "vocab/items.parquet"))
+    parts = ("sequences", "vocab/items.parquet", "buckets.parquet")
+    parent_read = sum(tree_bytes(parent / p) for p in parts if (parent / p).exists())
     return {
         "case": "append",
         "interactions": meta["n_interactions"],
@@ -101,6 +113,11 @@ def append_case(interactions: int, work: Path) -> dict:
         "seconds": round(seconds, 2),
         "full_seconds": round(full_seconds, 2),
         "ratio": round(seconds / full_seconds, 3),
+        "cpu_seconds": round(rss.cpu_seconds, 1),
+        "full_cpu_seconds": round(full_rss.cpu_seconds, 1),
+        "cpu_ratio": round(rss.cpu_seconds / full_rss.cpu_seconds, 3),
+        "buckets_written": meta["this_version"].get("buckets_written"),
+        "buckets_copied": meta["this_version"].get("buckets_copied"),
         "bytes_read": tree_bytes(union / f"dt={DAYS:02d}") + parent_read,
         "bytes_written": tree_bytes(appended),
         "full_bytes_read": tree_bytes(union),
@@ -111,7 +128,8 @@ def append_case(interactions: int, work: Path) -> dict:
 
 
 def rss_case(users: int, work: Path) -> dict:
-    from fearec_dist.data.prepare import prepare_dataset
+    """Writes the log here, runs the prepare in a child process joined to this Ray instance."""
+    import ray
 
     rng = np.random.default_rng(1)
     root = work / "rss" / str(users)
@@ -126,19 +144,51 @@ def rss_case(users: int, work: Path) -> dict:
     )
     for i, part in enumerate(np.array_split(np.arange(len(user)), 8)):
         pq.write_table(table.take(part), root / f"part-{i}.parquet")
-    with PeakRSS() as rss:
-        start = time.perf_counter()
-        meta = prepare_dataset(str(root), "parquet", str(work / f"rss-out-{users}"), progress=False)
-        seconds = time.perf_counter() - start
-    assert meta["n_users"] == users
+    del table, user
+    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    args = [sys.executable, __file__, "--rss-child", str(root), str(work / f"rss-out-{users}")]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the prepare of {users} users failed: {done.stderr[-3000:]}")
+    child = json.loads(done.stdout.strip().splitlines()[-1])
+    assert child["n_users"] == users
     return {
         "case": "rss",
         "users": users,
-        "interactions": meta["n_interactions"],
-        "seconds": round(seconds, 2),
-        "peak_rss_driver_mb": round(rss.peak_driver / 2**20),
+        "interactions": child["n_interactions"],
+        "seconds": child["seconds"],
+        "peak_rss_driver_mb": child["peak_rss_driver_mb"],
+        "baseline_rss_mb": child["baseline_rss_mb"],
+        "driver_cpu_seconds": child["driver_cpu_seconds"],
         "load_avg_1m_after": round(os.getloadavg()[0], 1),
     }
+
+
+def rss_child(root: str, out: str) -> None:
+    """``--rss-child``: one prepare in this process (joined to the Ray at RAY_ADDRESS); prints
+    its peak RSS as a JSON line."""
+    import psutil
+
+    from fearec_dist.data.prepare import prepare_dataset
+    from fearec_dist.launch import ray_session
+
+    with ray_session("cluster"):
+        me = psutil.Process()
+        baseline = me.memory_info().rss
+        cpu = sum(me.cpu_times()[:2])
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            meta = prepare_dataset(root, "parquet", out, progress=False)
+            seconds = time.perf_counter() - start
+        row = {
+            "n_users": meta["n_users"],
+            "n_interactions": meta["n_interactions"],
+            "seconds": round(seconds, 2),
+            "peak_rss_driver_mb": round(rss.peak_driver / 2**20),
+            "baseline_rss_mb": round(baseline / 2**20),
+            "driver_cpu_seconds": round(sum(me.cpu_times()[:2]) - cpu, 1),
+        }
+    print(json.dumps(row), flush=True)
 
 
 def main() -> None:
@@ -147,7 +197,11 @@ def main() -> None:
     parser.add_argument("--rss-users", type=int, nargs="*", default=[1_000_000, 10_000_000])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "append.json"))
     parser.add_argument("--note", default="", help="recorded with every row (e.g. why smaller)")
+    parser.add_argument("--rss-child", nargs=2, metavar=("LOG", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rss_child:
+        rss_child(*args.rss_child)
+        return
 
     from fearec_dist.launch import ray_session
 

@@ -7,6 +7,8 @@ layout.
   "timestamps": [...]}``, streamed file by file (memory: one batch); lines come in storage
   order, so ``sort`` two dumps before comparing them line by line.
 - ``gc``: ``data/versions.gc_versions``.
+
+Also ``format_summary``, the summary ``prepare`` prints (``data/prepare.py`` re-exports it).
 """
 
 from __future__ import annotations
@@ -81,6 +83,45 @@ def format_info(info: dict[str, Any]) -> str:
             f"  consumed {len(inputs.get('files', {}))} file(s) of {inputs.get('input')} "
             f"({inputs.get('format')}{extra})"
         )
+    return "\n".join(lines)
+
+
+def format_summary(meta: dict[str, Any]) -> str:
+    """The one-screen summary printed at the end of ``prepare``."""
+    kind = meta.get("kind", "prepare")
+    lines = [
+        f"prepared dataset, version {meta.get('version', 0)} ({kind}"
+        + (f" on version {meta['parent']})" if meta.get("parent") is not None else ")"),
+        f"  users         {meta['n_users']:>12,}",
+        f"  items         {meta['n_items']:>12,}",
+        f"  interactions  {meta['n_interactions']:>12,}  (read {meta['n_read']:,})",
+        f"  per user      min {meta['sequence_length']['min']}, "
+        f"mean {meta['sequence_length']['mean']}, max {meta['sequence_length']['max']}",
+    ]
+    if "item_interactions" in meta:
+        per_item = meta["item_interactions"]
+        lines.append(
+            f"  per item      min {per_item['min']}, mean {per_item['mean']}, max {per_item['max']}"
+        )
+    for reason, n in meta.get("dropped", {}).items():
+        lines.append(f"  dropped       {n:>12,}  ({reason})")
+    if not meta.get("dropped"):
+        lines.append("  dropped                  0  (no filters)")
+    if meta.get("ignored_columns"):
+        lines.append(f"  ignored columns: {', '.join(meta['ignored_columns'])}")
+    if "n_attributes" in meta:
+        lines.append(
+            f"  attributes    {meta['n_attributes']:>12,}  "
+            f"({meta['items_with_attributes']:,} items)"
+        )
+    if kind == "append" and meta.get("this_version"):
+        added = meta["this_version"]
+        lines.append(
+            f"  this version  {added['interactions']:>12,}  interactions from {added['files']} "
+            f"file(s); {added['new_users']:,} new users, {added['new_items']:,} new items"
+        )
+    lines.append(f"  source        {meta['sources']['input']} ({meta['sources']['format']})")
+    lines.append(f"  took {meta.get('seconds', 0):.1f} s")
     return "\n".join(lines)
 
 

@@ -2,25 +2,19 @@
 dataset, as a Ray Data job.
 
     list inputs (only the unconsumed ones for --append) -> read (one task per file) -> validate
-    -> [filters] -> item vocab (driver) -> merge with the parent's sequences, users numbered
-    by bucket (data/merge.py) -> write versions/<N>-<id>/ -> commit (data/versions.py)
+    -> [filters] -> item vocab (driver) -> per user bucket: merge with the parent's bucket,
+    users numbered by bucket (data/buckets.py) -> write versions/<N>-<id>/ -> commit
+    (data/versions.py)
 
-Layout of one version (DESIGN.md; ``<v>`` = ``<root>/versions/<N>-<id>``, or the root itself for
-a dataset written before versions, which reads as version 0)::
-
-    <v>/sequences/*.parquet   user:int32, items:list<int32> (time-ordered),
-                              timestamps:list<int64> (input unit truncated; seqtxt: position),
-                              user_raw:string
-    <v>/vocab/items.parquet   id:int32 (1..n_items, 0 = padding), raw:string, count:int64
-    <v>/vocab/users/*.parquet id:int32 (1..n_users), raw:string (written by the Ray tasks)
-    <v>/attributes.parquet    item:int32, attrs:list<int32> (1..n_attributes), when given
-    <v>/inputs.json           every input file consumed up to this version (or Delta version)
-    <v>/meta.json             counts, sources, filters, parent
-    <root>/_commits/<N>.json  the commit, created last and only if absent
+Layout of one version ``<v>`` = ``<root>/versions/<N>-<id>`` (docs/data.md, "The prepared
+layout"): ``sequences/bucket-<b>.parquet`` (user, items, timestamps, user_raw; one file per
+user bucket), ``vocab/items.parquet``, ``vocab/users/bucket-<b>.parquet``, ``buckets.parquet``,
+``[attributes.parquet]``, ``inputs.json``, ``meta.json``; ``<root>/_commits/<N>.json`` is the
+commit, created last and only if absent. A dataset written before versions reads as version 0.
 
 Ids: items are the raw ids sorted (numerically when every raw id is an integer) at the first
 prepare; an append numbers new items after the maximum, sorted the same way among themselves.
-Users: see ``data/merge.py`` (sorted raw ids for small data; the driver never holds them).
+Users: see ``data/buckets.py`` (sorted raw ids for small data; the driver never holds them).
 Filters (k-core on users/items, rating threshold) are off by default; what they remove is
 counted in ``meta.json['dropped']`` and printed. ``--append`` refuses a dataset prepared with
 k-core filters: they are global and iterative, so rows dropped before could come back.
@@ -41,8 +35,9 @@ from fearec_dist.config import DataSection, StorageSection
 from fearec_dist.data import attributes as attrs_mod
 from fearec_dist.data import inputs as inputs_mod
 from fearec_dist.data import stages
-from fearec_dist.data.examples import DATA_TASK_CPUS
-from fearec_dist.data.merge import merge_sequences, read_item_vocab, time_range
+from fearec_dist.data.buckets import write_sequences
+from fearec_dist.data.inspect import format_summary  # noqa: F401 (the CLI imports it here)
+from fearec_dist.data.merge import read_item_vocab, time_range
 from fearec_dist.data.partitions import InputFile
 from fearec_dist.data.synthetic import write_synthetic
 from fearec_dist.data.versions import (
@@ -58,7 +53,6 @@ from fearec_dist.storage import (
     list_children,
     read_bytes,
     read_json,
-    read_parquet_dataset,
     redact,
     resolve,
     storage_root,
@@ -69,6 +63,18 @@ from fearec_dist.storage import (
 FORMAT_VERSION = 2  # 2: versions, user_raw in the sequences, inputs.json
 ROWS_PER_PARTITION = 200_000  # interactions per hash partition of the per-user grouping step
 MAX_PARTITIONS = 1024
+# An append that keeps its parent's buckets shuffles only the new rows, and each of its tasks
+# rewrites the parent's buckets of its partition one at a time (memory: one bucket plus the
+# partition's new rows): up to this many existing interactions a task. Partitions sized by
+# ROWS_PER_PARTITION alone (200 at 40M) spent more CPU starting and tracking tasks than
+# merging (measured: 30 s of CPU for a 40M append against 75 s for the full prepare).
+REWRITE_ROWS_PER_TASK = 2_000_000
+# CPUs of each of prepare's own Ray Data tasks (records, plan, merge + write): one, so a node
+# runs as many at once as it has cores. Fractions (the data room's 0.25) ran 4 tasks a core,
+# more worker processes than Ray keeps (its soft limit is the node's CPUs): the extra workers
+# were killed between the job's stages and started again, ~1.5 s of CPU each (importing Ray
+# Data): 20 processes started in a 10M append on 2 cores, 18 s of its 38 s of CPU (measured).
+TASK_CPUS = 1.0
 LAYOUT = {
     "sequences",
     "vocab",
@@ -254,22 +260,18 @@ def _run(
     if not item_raw or (not parent and n_new == 0):
         raise DataError(f"{redact(input_uri)}: no interactions left after filtering ({dropped})")
     n_inter = int(pmeta.get("n_interactions", 0)) + n_new
-    n_parts = max(1, min(MAX_PARTITIONS, -(-n_inter // ROWS_PER_PARTITION)))
-    old_seqs = None
-    if parent:
-        old_seqs = read_parquet_dataset(f"{parent.uri}/sequences", storage,
-                                        num_cpus=DATA_TASK_CPUS)  # fmt: skip
+    n_parts = _parts(n_inter, ROWS_PER_PARTITION)
+    append_parts = max(_parts(n_new, ROWS_PER_PARTITION), _parts(n_inter, REWRITE_ROWS_PER_TASK))
     vocab = pa.array(item_raw, pa.string())
-    n_old = int(pmeta.get("n_users", 0))
-    seqs, stats = merge_sequences(old_seqs, rows, vocab, n_old, n_parts, DATA_TASK_CPUS)
+    stats = write_sequences(
+        rows, vocab, out, n_parts=n_parts, append_parts=append_parts, storage=storage,
+        task_cpus=TASK_CPUS, parent_uri=parent.uri if parent else None, parent_meta=pmeta,
+    )  # fmt: skip
     n_users = int(pmeta.get("n_users", 0)) + stats["new_users"]
+    if stats["n_users"] != n_users:
+        raise RuntimeError(f"prepare: {stats['n_users']} users written, expected {n_users}")
     fs, root = resolve(out, storage)
-    seqs.write_parquet(f"{root}/sequences", filesystem=fs)
     stages.check_one_row_per_user(fs, f"{root}/sequences", n_users)
-    users = seqs.select_columns(["user", "user_raw"]).rename_columns(
-        {"user": "id", "user_raw": "raw"}
-    )
-    users.write_parquet(f"{root}/vocab/users", filesystem=fs)
     _write_vocab(out, "items", item_raw, counts.tolist(), storage)
     lengths = stats["lengths"]
     meta: dict[str, Any] = {
@@ -298,7 +300,11 @@ def _run(
             "interactions": n_new,
             "new_users": stats["new_users"],
             "new_items": len(new_raw),
+            "buckets_written": stats["buckets_written"],
+            "buckets_copied": stats["buckets_copied"],
+            "rebucketed": stats["rebucketed"],
         },  # fmt: skip
+        "user_buckets": stats["user_buckets"],
         "filters": {
             "min_user_inter": data.min_user_inter,
             "min_item_inter": data.min_item_inter,
@@ -321,6 +327,10 @@ def _run(
                 write_bytes(f"{out}/{name}", read_bytes(f"{parent.uri}/{name}", storage), storage)
         meta["sources"]["attributes"] = pmeta.get("sources", {}).get("attributes")
     return meta
+
+
+def _parts(rows: int, per_part: int) -> int:
+    return max(1, min(MAX_PARTITIONS, -(-rows // per_part)))
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:
@@ -354,42 +364,3 @@ def _unwrap(err: BaseException) -> BaseException:
     if "DataError: " in text:
         return DataError(text.rsplit("DataError: ", 1)[-1].strip().splitlines()[0])
     return err
-
-
-def format_summary(meta: dict[str, Any]) -> str:
-    """The one-screen summary printed at the end of ``prepare``."""
-    kind = meta.get("kind", "prepare")
-    lines = [
-        f"prepared dataset, version {meta.get('version', 0)} ({kind}"
-        + (f" on version {meta['parent']})" if meta.get("parent") is not None else ")"),
-        f"  users         {meta['n_users']:>12,}",
-        f"  items         {meta['n_items']:>12,}",
-        f"  interactions  {meta['n_interactions']:>12,}  (read {meta['n_read']:,})",
-        f"  per user      min {meta['sequence_length']['min']}, "
-        f"mean {meta['sequence_length']['mean']}, max {meta['sequence_length']['max']}",
-    ]
-    if "item_interactions" in meta:
-        per_item = meta["item_interactions"]
-        lines.append(
-            f"  per item      min {per_item['min']}, mean {per_item['mean']}, max {per_item['max']}"
-        )
-    for reason, n in meta.get("dropped", {}).items():
-        lines.append(f"  dropped       {n:>12,}  ({reason})")
-    if not meta.get("dropped"):
-        lines.append("  dropped                  0  (no filters)")
-    if meta.get("ignored_columns"):
-        lines.append(f"  ignored columns: {', '.join(meta['ignored_columns'])}")
-    if "n_attributes" in meta:
-        lines.append(
-            f"  attributes    {meta['n_attributes']:>12,}  "
-            f"({meta['items_with_attributes']:,} items)"
-        )
-    if kind == "append" and meta.get("this_version"):
-        added = meta["this_version"]
-        lines.append(
-            f"  this version  {added['interactions']:>12,}  interactions from {added['files']} "
-            f"file(s); {added['new_users']:,} new users, {added['new_items']:,} new items"
-        )
-    lines.append(f"  source        {meta['sources']['input']} ({meta['sources']['format']})")
-    lines.append(f"  took {meta.get('seconds', 0):.1f} s")
-    return "\n".join(lines)

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -83,7 +84,9 @@ def test_append_equals_a_full_prepare_of_the_union(appended, tmp_path):
     assert (meta["version"], meta["parent"], meta["kind"]) == (2, 1, "append")
     assert meta["this_version"] == {
         "files": 2, "rows_read": 7, "interactions": 7, "new_users": 2, "new_items": 2,
+        "buckets_written": 1, "buckets_copied": 0, "rebucketed": False,
     }  # fmt: skip
+    assert meta["user_buckets"] == full["user_buckets"] == 1  # small data: one bucket
 
 
 def test_ids_are_stable_and_new_ones_come_after(appended, tmp_path):
@@ -217,24 +220,59 @@ def test_attributes_are_appended_for_new_items(ray_session, tmp_path):
     assert pq.read_table(f"{v3}/attributes.parquet").to_pydict() == table
 
 
+@pytest.mark.parametrize("case", ["kept", "kept-shuffled", "rebucketed"])
 def test_append_over_many_buckets_equals_the_union(ray_session, synthetic_log, tmp_path,
-                                                   monkeypatch):  # fmt: skip
+                                                   monkeypatch, case):  # fmt: skip
     """The same equality when users are numbered over many buckets and merged over many hash
-    partitions (the session's synthetic log: 150 users spread over 3 files)."""
+    partitions (the session's synthetic log: 150 users spread over 3 files, ~5k rows). At 500
+    rows a partition the append keeps the parent's 32 buckets and hands each task its buckets'
+    new records from the materialized blocks, or (kept-shuffled) hash-shuffles them; at 4000 the
+    parent has one bucket, too few for the union's two partitions, so the append re-buckets it.
+    A last append of one row rewrites one bucket and copies the others byte for byte."""
+    from fearec_dist.data import buckets as buckets_mod
     from fearec_dist.data import prepare as prepare_mod
 
-    monkeypatch.setattr(prepare_mod, "ROWS_PER_PARTITION", 500)  # ~10 partitions, 40 buckets
+    rebucketed = case == "rebucketed"
+    monkeypatch.setattr(prepare_mod, "ROWS_PER_PARTITION", 4000 if rebucketed else 500)
+    if case == "kept-shuffled":
+        monkeypatch.setattr(buckets_mod, "BROADCAST_BYTES", 0)
     log, union = tmp_path / "log", tmp_path / "union"
     for i in range(synthetic_log.n_files):
         for root in (log, union) if i < 2 else (union,):
             (root / f"dt={i}").mkdir(parents=True)
             src = synthetic_log.path / f"part-{i}.parquet"
             (root / f"dt={i}" / "part.parquet").write_bytes(src.read_bytes())
-    prepare_dataset(str(log), "parquet", str(tmp_path / "ds"), progress=False)
+    first = prepare_dataset(str(log), "parquet", str(tmp_path / "ds"), progress=False)
     (log / "dt=2").symlink_to(union / "dt=2", target_is_directory=True)
     meta = prepare_dataset(str(log), "parquet", str(tmp_path / "ds"), progress=False, append=True)
     full = prepare_dataset(str(union), "parquet", str(tmp_path / "full"), progress=False)
-    assert _dump(str(tmp_path / "ds"), tmp_path) == _dump(str(tmp_path / "full"), tmp_path)
+    dumped = _dump(str(tmp_path / "ds"), tmp_path)
+    assert dumped == _dump(str(tmp_path / "full"), tmp_path)
     assert (meta["n_users"], meta["n_interactions"]) == (full["n_users"], full["n_interactions"])
+    assert meta["sequence_length"] == full["sequence_length"]
     _, _, users = read_sequences(str(tmp_path / "ds"))
     assert sorted(users.tolist()) == list(range(1, meta["n_users"] + 1))  # dense, no gaps
+    assert (first["user_buckets"], meta["user_buckets"]) == ((1, 8) if rebucketed else (32, 32))
+    assert meta["this_version"]["rebucketed"] is rebucketed
+    # one more row for one user: one bucket rewritten, the others copied as they were
+    row = pq.read_table(synthetic_log.path / "part-0.parquet").slice(0, 1)
+    user, item = row["user_id"][0].as_py(), row["item_id"][0].as_py()
+    late = row.set_column(row.schema.get_field_index("timestamp"), "timestamp",
+                          pa.array([10**12], row.schema.field("timestamp").type))  # fmt: skip
+    (log / "dt=3").mkdir()
+    pq.write_table(late, log / "dt=3" / "part.parquet")
+    last = prepare_dataset(str(log), "parquet", str(tmp_path / "ds"), progress=False, append=True)
+    done = last["this_version"]
+    assert (done["buckets_written"], done["rebucketed"]) == (1, False)
+    assert done["buckets_written"] + done["buckets_copied"] == len(
+        list(Path(resolve_version(str(tmp_path / "ds"), 2).uri, "sequences").iterdir())
+    )
+    want = dict(dumped)
+    want[user] = (want[user][0] + [item], want[user][1] + [10**12])
+    assert _dump(str(tmp_path / "ds"), tmp_path) == want
+    before, after = (Path(resolve_version(str(tmp_path / "ds"), v).uri) for v in (2, 3))
+    same = [
+        p.name for p in (before / "sequences").iterdir()
+        if p.read_bytes() == (after / "sequences" / p.name).read_bytes()
+    ]  # fmt: skip
+    assert len(same) == done["buckets_copied"]
