@@ -362,7 +362,9 @@ class SweepTracking:
                                           max_results=5000)  # fmt: skip
             for child in children:
                 row = trials.get(child.info.run_name)
-                if row is not None and child.info.status == "RUNNING":
+                # Tune's verdict decides: a trial ASHA stopped may have run to its end (and ended
+                # its run FINISHED) before the stop reached it; trials.csv says stopped, so here too
+                if row is not None and child.info.status != TRIAL_STATUS[row["status"]]:
                     client.set_terminated(child.info.run_id, TRIAL_STATUS[row["status"]])
                 if row is not None and row["trial"] == best.get("trial"):
                     client.set_tag(child.info.run_id, "best_trial", "true")

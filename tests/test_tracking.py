@@ -99,6 +99,34 @@ def test_tracker_writes_a_run_and_a_resume_continues_it(tmp_path):
     assert [m.step for m in client.get_metric_history(tracker.run_id, "train/loss")] == [1, 2, 3]
 
 
+def test_a_sweep_ends_its_trial_runs_as_tune_saw_them(tmp_path):
+    """trials.csv decides each child run's end: a trial ASHA stopped ends KILLED even when its
+    run raced to FINISHED before the stop reached it (seen once in CI), a done one FINISHED."""
+    from fearec_dist.tracking import SweepTracking
+
+    uri = (tmp_path / "mlruns").as_uri()
+    cfg = load_config(None, [*TINY, f"run.tracking_uri={uri}"])
+    sweep = SweepTracking(cfg, "tiny", str(tmp_path / "sweep"), {"train.lr": {"grid": [1]}}, False)
+    client, parent = client_for(uri), cfg.run.tracking_parent
+    experiment = client.get_experiment_by_name(cfg.run.experiment).experiment_id
+    ended = {"a": ("FINISHED", "stopped"), "b": ("RUNNING", "done"), "c": ("RUNNING", "stopped"),
+             "d": ("KILLED", "done"), "e": ("RUNNING", "error")}  # fmt: skip
+    ids = {}
+    for trial, (status, _) in ended.items():
+        run = client.create_run(experiment, run_name=f"tiny-{trial}",
+                                tags={"mlflow.parentRunId": parent})  # fmt: skip
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+        ids[trial] = run.info.run_id
+    rows = [{"trial": t, "status": s, "best": 0.5} for t, (_, s) in ended.items()]
+    sweep.finish({"trials": rows, "best": rows[1]})
+    want = {"stopped": "KILLED", "done": "FINISHED", "error": "FAILED"}
+    for trial, (_, row_status) in ended.items():
+        assert client.get_run(ids[trial]).info.status == want[row_status], trial
+    assert client.get_run(ids["b"]).data.tags["best_trial"] == "true"
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
 @pytest.fixture
 def silent_server():
     """``http://127.0.0.1:<port>``: accepts connections and never answers; the connections it
