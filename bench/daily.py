@@ -15,7 +15,9 @@ Per seed, one pipeline (``daily.name = <dataset>-s<seed>``, ``train.seed = seed`
 ``fearec-dist daily --local --json`` on the input holding days 1..27 (cold, promoted: the
 bootstrap), then on days 1..28, 1..29, 1..30 (each adds one partition): append, warm start from
 the promoted run, ``daily.warm_epochs`` epochs on the last ``daily.train_days`` days before the
-validation window, export, compare, promote. Beside each warm day, a cold run of the same
+validation window (defaults: 2 epochs on 7 days, the promoted run's optimizer state carried:
+the settings ``bench/daily_tradeoff.py --chain`` found to meet the quality goal), export,
+compare, promote. Beside each warm day, a cold run of the same
 model for ``--cold-epochs`` on the same dataset version, with the same seed and cuts
 (``fearec-dist train``). Both under ``data.split=temporal``: validation = the day before the
 newest, test = the newest day.
@@ -137,7 +139,11 @@ def bench_dataset(name: str, args: argparse.Namespace, out: list[dict]) -> None:
         "model": {"name": args.model},
         "train": {"epochs": args.cold_epochs, "batch_size": 256, "valid_metric": "ndcg@10"},
         "run": {"storage_path": str(work / "runs"), "workers": 1, "cpus_per_worker": 1.0},
-        "daily": {"warm_epochs": args.warm_epochs, "train_days": args.train_days * days},
+        "daily": {
+            "warm_epochs": args.warm_epochs,
+            "train_days": args.train_days * days,
+            "warm_optimizer": not args.fresh_optimizer,
+        },
     }
     cfg_path = work / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
@@ -236,8 +242,9 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--model", default="sasrec")
     p.add_argument("--cold-epochs", type=int, default=4)
-    p.add_argument("--warm-epochs", type=int, default=1)
-    p.add_argument("--train-days", type=float, default=2.0, help="warm: last N days (slices)")
+    p.add_argument("--warm-epochs", type=int, default=2)
+    p.add_argument("--train-days", type=float, default=7.0, help="warm: last N days (slices)")
+    p.add_argument("--fresh-optimizer", action="store_true", help="daily.warm_optimizer: false")
     p.add_argument("--users", type=int, default=1000, help="synthetic users")
     p.add_argument("--items", type=int, default=400, help="synthetic items")
     p.add_argument("--data-seed", type=int, default=0)

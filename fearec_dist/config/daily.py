@@ -37,6 +37,12 @@ class DailySection:
         "start each day from the promoted run's weights; false: every day trains cold (e.g. "
         "after a model change the promoted weights cannot seed)",
     )
+    warm_optimizer: bool = option(
+        True,
+        "a warm day carries the promoted run's optimizer state too (Adam's moments, per-row "
+        "remapped; train.warm_start_optimizer); false: a fresh optimizer (e.g. after changing "
+        "the optimizer's settings)",
+    )
     warm_epochs: int | None = option(
         None, "epochs of a warm-started day (null = train.epochs); the first day trains cold"
     )

@@ -134,7 +134,8 @@ def day_config(
         "data": {"version": version},
     }
     if state.current and cfg.daily.warm_start:  # a warm day
-        over["train"] = {"warm_start": state.current["run"]}
+        over["train"] = {"warm_start": state.current["run"],
+                         "warm_start_optimizer": cfg.daily.warm_optimizer}  # fmt: skip
         if cfg.daily.warm_epochs is not None:
             over["train"]["epochs"] = cfg.daily.warm_epochs
         if cfg.daily.train_days is not None:

@@ -50,7 +50,12 @@ BASE = {
 DAYS = {
     1: ["train.epochs=1", "train.lr=1e-5"],
     2: ["daily.warm_epochs=2"],
-    3: ["daily.warm_epochs=1", "daily.train_days=1", "daily.min_gain=100"],
+    3: [
+        "daily.warm_epochs=1",
+        "daily.train_days=1",
+        "daily.min_gain=100",
+        "daily.warm_optimizer=false",
+    ],
 }
 LOG = f"s3://{BUCKET}/log"
 POINTER = f"s3://{BUCKET}/runs/pipelines/shop"
@@ -118,6 +123,7 @@ def test_day_2_warm_better_and_promoted(days):
     lineage = results["warm_start"]  # the start's source and its data version, in the run
     assert lineage["source_run"] == first["run"] and lineage["data"] == _lineage(1)
     assert record["new"]["warm_start"] == lineage
+    assert lineage["optimizer"] is True  # daily.warm_optimizer: Adam's moments carried too
     assert results["config"]["train"]["epochs"] == 2  # daily.warm_epochs on a warm day
     new, current = record["new"]["test"], record["current"]["test"]
     assert record["decision"] == "promoted", record["reason"]
@@ -145,6 +151,7 @@ def test_day_3_rejected_pointer_unchanged(days):
     assert record["data"] == _lineage(3)
     # daily.train_days: only the last day's targets before the validation window
     since = _results(record)["config"]["data"]["train_since"]
+    assert _results(record)["warm_start"]["optimizer"] is False  # daily.warm_optimizer=false
     assert since == record["protocol"]["valid_start"] - DAY
     assert record["current"]["test"]["hr@10"] > 0.01  # so no hr@10 <= 1 can be 101x it
     assert "relative gain >= 10000.00%" in record["reason"]
