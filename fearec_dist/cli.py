@@ -25,8 +25,8 @@ from typing import Any
 
 from fearec_dist.config import ConfigError, ExperimentConfig, add_set_argument, load_config
 from fearec_dist.config.reference import ModelDoc, render_markdown, render_text
-from fearec_dist.data.inspect import dataset_info, dump_dataset, format_info
-from fearec_dist.data.prepare import NothingNew, format_summary, parse_columns, prepare_dataset
+from fearec_dist.data.inspect import dataset_info, dump_dataset, format_info, format_summary
+from fearec_dist.data.prepare import NothingNew, parse_columns, prepare_dataset
 from fearec_dist.data.temporal import baseline_protocol, describe_record
 from fearec_dist.data.versions import gc_versions
 from fearec_dist.launch import ray_session

@@ -311,10 +311,10 @@ def write_sequences(
         for name in STATS:
             values = pc.fill_null(before.column(name), 0).to_numpy()
             (span if name in span else stats)[name][copied] = values[copied]
-    for table in (written,) if written.num_rows else ():
-        b = table.column("bucket").to_numpy()
+    if written.num_rows:
+        b = written.column("bucket").to_numpy()
         for name in STATS:
-            (span if name in span else stats)[name][b] = table.column(name).to_numpy()
+            (span if name in span else stats)[name][b] = written.column(name).to_numpy()
     if len(copied):
         items = [{"bucket": int(b)} for b in copied]
         ray.data.from_items(items, override_num_blocks=min(len(items), n_parts)).map_batches(

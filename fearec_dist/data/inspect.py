@@ -8,7 +8,7 @@ layout.
   order, so ``sort`` two dumps before comparing them line by line.
 - ``gc``: ``data/versions.gc_versions``.
 
-Also ``format_summary``, the summary ``prepare`` prints (``data/prepare.py`` re-exports it).
+Also ``format_summary``, the summary ``prepare`` prints.
 """
 
 from __future__ import annotations

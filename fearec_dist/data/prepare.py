@@ -36,7 +36,6 @@ from fearec_dist.data import attributes as attrs_mod
 from fearec_dist.data import inputs as inputs_mod
 from fearec_dist.data import stages
 from fearec_dist.data.buckets import write_sequences
-from fearec_dist.data.inspect import format_summary  # noqa: F401 (the CLI imports it here)
 from fearec_dist.data.merge import read_item_vocab, time_range
 from fearec_dist.data.partitions import InputFile
 from fearec_dist.data.synthetic import write_synthetic

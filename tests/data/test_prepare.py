@@ -13,7 +13,8 @@ import pytest
 
 from fearec_dist.config import DataSection
 from fearec_dist.data import prepare as prepare_mod
-from fearec_dist.data.prepare import format_summary, prepare_dataset
+from fearec_dist.data.inspect import format_summary
+from fearec_dist.data.prepare import prepare_dataset
 from fearec_dist.data.sequences import read_sequences
 from fearec_dist.data.versions import resolve_version
 from fearec_dist.errors import DataError
